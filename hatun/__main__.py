@@ -1,0 +1,3 @@
+from hatun.cli import main
+
+raise SystemExit(main())

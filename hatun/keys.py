@@ -1,0 +1,183 @@
+"""WireGuard keys: X25519 private/public keys in WireGuard's base64 form.
+
+A private key lives in a `PrivateKey`, whose repr and str never show its value, so that it cannot
+leak into a log line, an error message or status output by accident.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import os
+import stat
+
+from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
+from cryptography.hazmat.primitives.serialization import Encoding, NoEncryption, PrivateFormat, PublicFormat
+
+KEY_LEN = 32
+
+
+class InvalidKey(ValueError):
+    """A key that is not base64 of 32 bytes, or a key source that cannot be read."""
+
+
+def decode_key(text: str) -> bytes:
+    """Decode WireGuard's base64 form of a 32-byte key.
+
+    Raises InvalidKey with a message that describes the problem but never contains the input
+    (it may be a private key).
+    """
+    text = text.strip()
+    if len(text) != 44 or not text.endswith("="):
+        raise InvalidKey(f"not a WireGuard key: expected 44 base64 characters ending in '=', got {len(text)} characters")
+    try:
+        raw = base64.b64decode(text, validate=True)
+    except (binascii.Error, ValueError):
+        raise InvalidKey("not a WireGuard key: invalid base64") from None
+    if len(raw) != KEY_LEN:
+        raise InvalidKey(f"not a WireGuard key: decodes to {len(raw)} bytes, expected {KEY_LEN}")
+    return raw
+
+
+def encode_key(raw: bytes) -> str:
+    """WireGuard's base64 form of a 32-byte key."""
+    if len(raw) != KEY_LEN:
+        raise InvalidKey(f"a key is {KEY_LEN} bytes, got {len(raw)}")
+    return base64.b64encode(raw).decode("ascii")
+
+
+class PublicKey:
+    """A WireGuard public key (32 bytes). Shown as base64: it is not a secret."""
+
+    __slots__ = ("raw",)
+
+    def __init__(self, raw: bytes) -> None:
+        if len(raw) != KEY_LEN:
+            raise InvalidKey(f"a key is {KEY_LEN} bytes, got {len(raw)}")
+        self.raw = bytes(raw)
+
+    @classmethod
+    def from_base64(cls, text: str) -> PublicKey:
+        return cls(decode_key(text))
+
+    @property
+    def base64(self) -> str:
+        return encode_key(self.raw)
+
+    @property
+    def hex(self) -> str:
+        return self.raw.hex()
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, PublicKey) and other.raw == self.raw
+
+    def __hash__(self) -> int:
+        return hash(self.raw)
+
+    def __repr__(self) -> str:
+        return f"PublicKey({self.base64!r})"
+
+    __str__ = lambda self: self.base64  # noqa: E731
+
+
+class PrivateKey:
+    """A WireGuard private key. Its repr/str are redacted; use `.raw`, `.base64` or `.hex` on purpose."""
+
+    __slots__ = ("raw", "_public")
+
+    def __init__(self, raw: bytes) -> None:
+        if len(raw) != KEY_LEN:
+            raise InvalidKey(f"a key is {KEY_LEN} bytes, got {len(raw)}")
+        self.raw = bytes(raw)
+        self._public: PublicKey | None = None
+
+    @classmethod
+    def generate(cls) -> PrivateKey:
+        key = X25519PrivateKey.generate()
+        return cls(key.private_bytes(Encoding.Raw, PrivateFormat.Raw, NoEncryption()))
+
+    @classmethod
+    def from_base64(cls, text: str) -> PrivateKey:
+        return cls(decode_key(text))
+
+    @property
+    def base64(self) -> str:
+        return encode_key(self.raw)
+
+    @property
+    def hex(self) -> str:
+        return self.raw.hex()
+
+    @property
+    def public_key(self) -> PublicKey:
+        # X25519 clamps the scalar itself, so any 32 bytes give the same public key as `wg pubkey`.
+        if self._public is None:
+            pub = X25519PrivateKey.from_private_bytes(self.raw).public_key()
+            self._public = PublicKey(pub.public_bytes(Encoding.Raw, PublicFormat.Raw))
+        return self._public
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, PrivateKey) and other.raw == self.raw
+
+    def __hash__(self) -> int:
+        return hash(self.raw)
+
+    def __repr__(self) -> str:
+        return "PrivateKey(<redacted>)"
+
+    def __str__(self) -> str:
+        return "<redacted>"
+
+    def __reduce__(self):  # pickling would carry the secret somewhere unexpected
+        raise TypeError("PrivateKey cannot be pickled")
+
+
+def load_private_key_file(path: str, *, check_mode: bool = True) -> PrivateKey:
+    """Read a private key file (one base64 key, like `wg genkey` writes).
+
+    Raises InvalidKey when the file is missing, unreadable, readable by group or others
+    (when `check_mode`), or does not hold a valid key. Messages never contain the key.
+    """
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        raise InvalidKey(f"key file {path} does not exist") from None
+    except OSError as e:
+        raise InvalidKey(f"key file {path}: {e.strerror}") from None
+    if not stat.S_ISREG(st.st_mode):
+        raise InvalidKey(f"key file {path} is not a regular file")
+    if check_mode and st.st_mode & 0o077:
+        raise InvalidKey(
+            f"key file {path} is accessible by group or others (mode {stat.S_IMODE(st.st_mode):04o});"
+            f" run: chmod 600 {path}"
+        )
+    try:
+        with open(path, encoding="ascii", errors="replace") as f:
+            text = f.read(1024)
+    except OSError as e:
+        raise InvalidKey(f"key file {path}: {e.strerror}") from None
+    try:
+        return PrivateKey.from_base64(text)
+    except InvalidKey as e:
+        raise InvalidKey(f"key file {path}: {e}") from None
+
+
+def load_private_key_env(name: str, environ: dict[str, str] | None = None) -> PrivateKey:
+    """Read a private key from environment variable NAME. Raises InvalidKey (never showing the value)."""
+    env = os.environ if environ is None else environ
+    value = env.get(name)
+    if value is None:
+        raise InvalidKey(f"environment variable {name} is not set")
+    if not value.strip():
+        raise InvalidKey(f"environment variable {name} is empty")
+    try:
+        return PrivateKey.from_base64(value)
+    except InvalidKey as e:
+        raise InvalidKey(f"environment variable {name}: {e}") from None
+
+
+def write_private_key_file(path: str, key: PrivateKey) -> None:
+    """Write KEY to PATH with mode 0600, created exclusively (never overwrites an existing file)."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w", encoding="ascii") as f:
+        f.write(key.base64 + "\n")

@@ -1,0 +1,104 @@
+"""What a tunnel device should look like, what it looks like, and the backend interface.
+
+One device has exactly one peer (the gateway). Both backends (kernel, userspace) take a
+`DeviceSettings` and make the device match it, changing only what differs, so that applying the
+same settings twice changes nothing (no handshake reset, no link flap).
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from dataclasses import dataclass, field
+from typing import Protocol
+
+from hatun.keys import PrivateKey, PublicKey
+
+IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
+IPInterface = ipaddress.IPv4Interface | ipaddress.IPv6Interface
+
+
+class WireGuardError(Exception):
+    """A tunnel device could not be created, configured, read or deleted. The message says why."""
+
+
+class BackendUnavailable(WireGuardError):
+    """The requested backend cannot work on this host (message says what to install)."""
+
+
+@dataclass(frozen=True)
+class PeerSettings:
+    public_key: PublicKey
+    # Resolved (ip, port); None leaves the peer without endpoint (it can still answer).
+    endpoint: tuple[str, int] | None
+    keepalive: int = 0  # persistent keepalive seconds, 0 = off
+    allowed_ips: tuple[IPNetwork, ...] = ()
+
+
+@dataclass(frozen=True)
+class DeviceSettings:
+    ifname: str
+    private_key: PrivateKey
+    peer: PeerSettings
+    fwmark: int = 0
+    listen_port: int | None = None  # None: whatever the device has (random at creation)
+    addresses: tuple[IPInterface, ...] = ()
+    mtu: int = 1420
+
+
+@dataclass(frozen=True)
+class PeerStatus:
+    public_key: PublicKey
+    endpoint: tuple[str, int] | None
+    keepalive: int
+    allowed_ips: tuple[IPNetwork, ...]
+    rx_bytes: int
+    tx_bytes: int
+    last_handshake: float | None  # wall-clock seconds since the epoch; None: never
+
+
+@dataclass(frozen=True)
+class DeviceStatus:
+    """A device as read back. It never carries the private key: compare `public_key` instead."""
+
+    ifname: str
+    public_key: PublicKey | None
+    listen_port: int
+    fwmark: int
+    peers: tuple[PeerStatus, ...] = ()
+    ifindex: int = 0
+    addresses: tuple[IPInterface, ...] = ()
+    mtu: int = 0
+    up: bool = False
+
+    @property
+    def peer(self) -> PeerStatus | None:
+        return self.peers[0] if self.peers else None
+
+
+@dataclass
+class Changes:
+    """What an `apply` changed, by setting name (e.g. {"endpoint", "allowed_ips"}); empty: nothing."""
+
+    created: bool = False
+    changed: set[str] = field(default_factory=set)
+
+    def __bool__(self) -> bool:
+        return self.created or bool(self.changed)
+
+
+class Backend(Protocol):
+    """One tunnel device: get / set / list / delete, whatever implements WireGuard underneath."""
+
+    name: str  # "kernel" or "userspace"
+
+    async def apply(self, settings: DeviceSettings) -> Changes:
+        """Create the device if missing and make it match SETTINGS, touching only what differs."""
+
+    async def get(self, ifname: str) -> DeviceStatus | None:
+        """The device as it is now, or None when it does not exist."""
+
+    async def list(self) -> list[str]:
+        """Names of the WireGuard devices this backend sees."""
+
+    async def delete(self, ifname: str) -> None:
+        """Remove the device (and stop whatever runs it). Deleting a missing device is not an error."""

@@ -1,0 +1,107 @@
+"""Tunnel health: rise/fall hysteresis over probe results, RTT and loss averages. Pure (no I/O).
+
+Probe results are fed in the order they complete, each with the time it completed; the clock is
+whatever the caller uses (Trio's clock in the supervisor, plain numbers in tests).
+"""
+
+from __future__ import annotations
+
+import enum
+from collections import deque
+from dataclasses import dataclass
+
+
+class State(str, enum.Enum):
+    INIT = "init"  # no verdict yet
+    UP = "up"  # in service
+    DOWN = "down"  # out of service
+    DRAINING = "draining"  # healthy, but taking no new flows (maintenance or removal)
+
+    def __str__(self) -> str:
+        return self.value
+
+
+LOSS_WINDOW = 20  # probes over which the loss ratio is computed
+RTT_ALPHA = 0.2  # weight of a new sample in the RTT moving average (like TCP's SRTT: 1/8..1/4)
+
+
+@dataclass(frozen=True)
+class Transition:
+    tunnel: str
+    old: State
+    new: State
+    reason: str
+    at: float
+
+
+class TunnelHealth:
+    """Hysteresis for one tunnel: `rise` consecutive successes to enter service, `fall` consecutive
+    failures to leave it. A path that flaps faster than that never changes the verdict."""
+
+    def __init__(self, name: str, rise: int, fall: int, now: float) -> None:
+        self.name = name
+        self.rise = rise
+        self.fall = fall
+        self.health = State.INIT
+        self.since = now
+        self.successes = 0  # consecutive
+        self.failures = 0  # consecutive
+        self.rtt_last: float | None = None
+        self.rtt_avg: float | None = None
+        self._window: deque[bool] = deque(maxlen=LOSS_WINDOW)
+        self.last_failure: str | None = None
+        self.probes_ok = 0
+        self.probes_failed = 0
+
+    @property
+    def loss(self) -> float:
+        """Share of the last LOSS_WINDOW probes that failed (0.0 before any probe)."""
+        if not self._window:
+            return 0.0
+        return self._window.count(False) / len(self._window)
+
+    def configure(self, rise: int, fall: int) -> None:
+        """New thresholds (a reload); the current verdict and counters stay."""
+        self.rise, self.fall = rise, fall
+
+    def record(self, ok: bool, now: float, rtt: float | None = None, reason: str | None = None) -> Transition | None:
+        """Feed one probe result. Returns the transition it caused, if any.
+
+        `reason` says why a probe failed ("timeout", "connection refused", "handshake stale"...).
+        """
+        self._window.append(ok)
+        if ok:
+            self.probes_ok += 1
+            self.successes += 1
+            self.failures = 0
+            if rtt is not None:
+                self.rtt_last = rtt
+                self.rtt_avg = rtt if self.rtt_avg is None else (1 - RTT_ALPHA) * self.rtt_avg + RTT_ALPHA * rtt
+            if self.health is not State.UP and self.successes >= self.rise:
+                return self._move(State.UP, now, f"{self.successes} probes answered, rtt {_ms(self.rtt_last)}")
+        else:
+            self.probes_failed += 1
+            self.failures += 1
+            self.successes = 0
+            self.last_failure = reason or "no reply"
+            if self.health is not State.DOWN and self.failures >= self.fall:
+                return self._move(
+                    State.DOWN, now,
+                    f"{self.failures} probes failed ({self.last_failure}), last rtt {_ms(self.rtt_last)}",
+                )
+        return None
+
+    def _move(self, new: State, now: float, reason: str) -> Transition:
+        old, self.health, self.since = self.health, new, now
+        return Transition(self.name, old, new, reason, now)
+
+
+def display_state(health: State, drained: bool) -> State:
+    """The state shown to people and metrics: a drained healthy tunnel is `draining`."""
+    if drained and health is State.UP:
+        return State.DRAINING
+    return health
+
+
+def _ms(seconds: float | None) -> str:
+    return "n/a" if seconds is None else f"{seconds * 1000:.1f} ms" if seconds < 0.01 else f"{seconds * 1000:.0f} ms"

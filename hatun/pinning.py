@@ -1,0 +1,153 @@
+"""Flow pinning with conntrack marks: nftables table `inet hatun` (name configurable).
+
+A new flow follows the nexthop group. When its first packet leaves through a tunnel, postrouting
+stores that tunnel's mark in the flow's conntrack entry; from then on the output (and, for
+forwarded traffic, prerouting) hook copies it to every packet of the flow, and a policy rule per
+tunnel sends marked packets to that tunnel's own table. So established flows stay on their tunnel
+when the group changes (failback, a new tunnel, a weight change), and a drained tunnel keeps its
+flows while taking no new ones. When a tunnel goes down its table is emptied: its flows fall through
+to the group, land on another tunnel and get that tunnel's mark.
+
+Only hatun's bits (`fwmark_mask`) are used: packets that already carry a mark, and flows whose
+conntrack mark has other bits set, are left alone.
+
+nftables is driven through its JSON interface (`nft -j -f -`), the supported programmatic API.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import shutil
+
+import trio
+
+log = logging.getLogger("hatun.pinning")
+
+NFT_TIMEOUT = 10.0
+MAP = "tunnel_mark"
+
+
+class PinningError(Exception):
+    """nftables could not be read or changed; the message has nft's own words."""
+
+
+def _rules_json(table: str, mask: int) -> list[dict]:
+    fam = "inet"
+    not_mask = ~mask & 0xFFFFFFFF
+
+    def restore(chain: str) -> dict:
+        # A packet without a mark, of a flow pinned by hatun, gets the flow's tunnel mark.
+        return {"rule": {"family": fam, "table": table, "chain": chain, "expr": [
+            {"match": {"op": "==", "left": {"meta": {"key": "mark"}}, "right": 0}},
+            {"match": {"op": "!=", "left": {"&": [{"ct": {"key": "mark"}}, mask]}, "right": 0}},
+            {"mangle": {"key": {"meta": {"key": "mark"}}, "value": {"&": [{"ct": {"key": "mark"}}, mask]}}},
+        ]}}
+
+    save = {"rule": {"family": fam, "table": table, "chain": "postrouting", "expr": [
+        # Leaving through a tunnel: the flow is pinned to it (unless someone else uses its ct mark).
+        {"match": {"op": "==", "left": {"&": [{"ct": {"key": "mark"}}, not_mask]}, "right": 0}},
+        {"mangle": {"key": {"ct": {"key": "mark"}},
+                    "value": {"map": {"key": {"meta": {"key": "oifname"}}, "data": f"@{MAP}"}}}},
+    ]}}
+    return [restore("output"), restore("prerouting"), save]
+
+
+def _structure(table: str, mask: int) -> tuple[list[dict], str]:
+    """The commands that (re)create table, map, chains and rules, and a tag naming this version."""
+    fam = "inet"
+    rules = _rules_json(table, mask)
+    tag = "hatun-" + hashlib.sha256(json.dumps(rules, sort_keys=True).encode()).hexdigest()[:12]
+    chains = [
+        ("output", "route", "output"),
+        ("prerouting", "filter", "prerouting"),
+        ("postrouting", "filter", "postrouting"),
+    ]
+    cmds: list[dict] = [{"add": {"table": {"family": fam, "name": table}}},
+                        {"add": {"map": {"family": fam, "table": table, "name": MAP, "type": "ifname", "map": "mark"}}}]
+    for name, ctype, hook in chains:
+        cmds.append({"add": {"chain": {"family": fam, "table": table, "name": name, "type": ctype, "hook": hook,
+                                       "prio": -150, "policy": "accept"}}})
+        cmds.append({"flush": {"chain": {"family": fam, "table": table, "name": name}}})
+    for r in rules:
+        r["rule"]["comment"] = tag
+        cmds.append({"add": r})
+    return cmds, tag
+
+
+class Pinning:
+    """The nftables side of flow pinning. `apply(marks)` is idempotent; `read()` reads it back."""
+
+    def __init__(self, table: str, mask: int, nft: str | None = None) -> None:
+        self.table = table
+        self.mask = mask
+        self.nft = nft or shutil.which("nft") or "nft"
+
+    @staticmethod
+    def available() -> bool:
+        return shutil.which("nft") is not None
+
+    async def _run(self, args: list[str], payload: dict | None = None) -> str:
+        data = json.dumps(payload).encode() if payload is not None else None
+        try:
+            with trio.fail_after(NFT_TIMEOUT):
+                res = await trio.run_process([self.nft, *args], stdin=data, capture_stdout=True,
+                                             capture_stderr=True, check=False)
+        except trio.TooSlowError:
+            raise PinningError(f"nft {' '.join(args)} took longer than {NFT_TIMEOUT:.0f} s") from None
+        except FileNotFoundError:
+            raise PinningError("nft not found: install nftables, or set routing.pin_flows = false") from None
+        if res.returncode != 0:
+            msg = res.stderr.decode(errors="replace").strip().splitlines()
+            raise PinningError(f"nft {' '.join(args[:2])}: {msg[0] if msg else 'exit ' + str(res.returncode)}")
+        return res.stdout.decode(errors="replace")
+
+    async def read(self) -> tuple[dict[str, int], str | None] | None:
+        """(ifname -> mark, rules tag) as in the kernel, or None when the table does not exist."""
+        try:
+            out = await self._run(["-j", "list", "table", "inet", self.table])
+        except PinningError as e:
+            if "No such file" in str(e) or "does not exist" in str(e):
+                return None
+            raise
+        marks: dict[str, int] = {}
+        tags = set()
+        for obj in json.loads(out).get("nftables", []):
+            if "map" in obj and obj["map"].get("name") == MAP:
+                for elem in obj["map"].get("elem", []):
+                    key, value = elem
+                    marks[key] = value
+            elif "rule" in obj:
+                tags.add(obj["rule"].get("comment"))
+        tag = tags.pop() if len(tags) == 1 else None
+        return marks, tag
+
+    async def apply(self, marks: dict[str, int], current: tuple[dict[str, int], str | None] | None = None) -> bool:
+        """Make the table hold the rules and exactly MARKS (ifname -> mark). Returns True when it
+        changed anything. CURRENT is what `read()` returned, if the caller has it."""
+        if current is None:
+            current = await self.read()
+        cmds: list[dict] = []
+        _, tag = _structure(self.table, self.mask)
+        have_marks, have_tag = current if current is not None else ({}, None)
+        if have_tag != tag:
+            cmds, _ = _structure(self.table, self.mask)
+        stale = [[k, v] for k, v in have_marks.items() if marks.get(k) != v]
+        new = [[k, v] for k, v in marks.items() if have_marks.get(k) != v]
+        if stale:
+            cmds.append({"delete": {"element": {"family": "inet", "table": self.table, "name": MAP, "elem": stale}}})
+        if new:
+            cmds.append({"add": {"element": {"family": "inet", "table": self.table, "name": MAP, "elem": new}}})
+        if not cmds:
+            return False
+        await self._run(["-j", "-f", "-"], {"nftables": cmds})
+        log.debug("nftables table inet %s updated (%d commands)", self.table, len(cmds))
+        return True
+
+    async def remove(self) -> bool:
+        """Delete the table. Returns False when it was not there."""
+        if await self.read() is None:
+            return False
+        await self._run(["-j", "-f", "-"], {"nftables": [{"delete": {"table": {"family": "inet", "name": self.table}}}]})
+        return True

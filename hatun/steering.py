@@ -1,0 +1,159 @@
+"""Steering decisions. Pure: tunnel states + config in, the wanted route out.
+
+`decide` picks which tunnels carry new flows (the best priority tier among healthy, undrained
+tunnels, by weight) and which keep their pinned flows. `render` turns that decision into the exact
+kernel objects: nexthops, the group, routes in hatun's tables, and policy rules. The reconciler in
+`routes.py` makes the kernel match, so nothing here touches the system.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+
+from hatun.health import State
+
+BYPASS_SLOT = 1  # mark of the tunnels' own encrypted UDP packets
+FIRST_SLOT = 2
+GROUP_ID_OFFSET = 1000  # group ids: nexthop_id + 1000 (IPv4), + 1001 (IPv6)
+
+
+@dataclass(frozen=True)
+class TunnelView:
+    """What steering needs to know of one tunnel."""
+
+    name: str
+    ifname: str
+    slot: int  # FIRST_SLOT.. : selects its mark, its pinned table and its nexthop ids
+    weight: int
+    priority: int
+    health: State  # INIT, UP or DOWN (drain is the separate flag)
+    drained: bool = False
+    present: bool = True  # the device exists and is up (nexthops need it)
+    presumed_up: bool = False  # adopted as a group member and no verdict yet: keep it in place
+
+
+@dataclass(frozen=True)
+class Member:
+    name: str
+    ifname: str
+    slot: int
+    weight: int
+
+
+@dataclass(frozen=True)
+class Decision:
+    members: tuple[Member, ...]  # carry new flows; empty: the prefixes are unreachable
+    pinned: tuple[str, ...]  # tunnels whose established flows keep using them
+    tier: int | None  # priority tier in use (None: all down)
+    all_down: bool  # no tunnel is healthy: members are the last ones kept, or none
+
+    @property
+    def unreachable(self) -> bool:
+        return not self.members
+
+    def member_names(self) -> tuple[str, ...]:
+        return tuple(m.name for m in self.members)
+
+
+def decide(tunnels: Sequence[TunnelView], when_all_down: str, previous: Sequence[Member] = ()) -> Decision:
+    """Choose the tunnels for new flows and for pinned flows.
+
+    - candidates: healthy (or presumed healthy after an adoption), not drained, device present;
+    - members: the candidates of the best (lowest) priority tier, with their weights;
+    - pinned: every healthy tunnel whose device is present, drained or not (a drain keeps the flows
+      a tunnel already has);
+    - no candidate: with `when_all_down = "keep"` the previous members whose devices still exist stay
+      (packets may yet get through; never a fall-back to the default route), else none (unreachable).
+    """
+    def healthy(t: TunnelView) -> bool:
+        return t.present and (t.health is State.UP or (t.health is State.INIT and t.presumed_up))
+
+    candidates = [t for t in tunnels if healthy(t) and not t.drained]
+    pinned = tuple(t.name for t in tunnels if healthy(t))
+    if candidates:
+        tier = min(t.priority for t in candidates)
+        members = tuple(Member(t.name, t.ifname, t.slot, t.weight) for t in candidates if t.priority == tier)
+        return Decision(tuple(sorted(members, key=lambda m: m.slot)), pinned, tier, False)
+    if when_all_down == "keep":
+        present = {t.name: t for t in tunnels if t.present}
+        kept = tuple(
+            Member(m.name, present[m.name].ifname, present[m.name].slot, present[m.name].weight)
+            for m in previous if m.name in present
+        )
+        return Decision(kept, pinned, None, True)
+    return Decision((), pinned, None, True)
+
+
+# ---------------------------------------------------------------- marks and ids
+
+
+@dataclass(frozen=True)
+class Layout:
+    """Where hatun's kernel objects live, from the `[routing]` config (see docs/design.md)."""
+
+    table: int
+    rule_priority: int
+    protocol: int
+    nexthop_id: int
+    fwmark_mask: int
+
+    @property
+    def shift(self) -> int:
+        return (self.fwmark_mask & -self.fwmark_mask).bit_length() - 1
+
+    @property
+    def max_slot(self) -> int:
+        return self.fwmark_mask >> self.shift
+
+    def mark(self, slot: int) -> int:
+        return slot << self.shift
+
+    @property
+    def bypass_mark(self) -> int:
+        return self.mark(BYPASS_SLOT)
+
+    def pinned_table(self, slot: int) -> int:
+        return self.table + slot
+
+    def nexthop(self, slot: int, family: int) -> int:
+        return self.nexthop_id + 2 * slot + (1 if family == 6 else 0)
+
+    def group(self, family: int) -> int:
+        return self.nexthop_id + GROUP_ID_OFFSET + (1 if family == 6 else 0)
+
+    def slot_of_nexthop(self, nh_id: int) -> tuple[int, int] | None:
+        """(slot, family) of one of hatun's device nexthop ids, or None."""
+        off = nh_id - self.nexthop_id
+        if 0 <= off < GROUP_ID_OFFSET and off // 2 >= FIRST_SLOT:
+            return off // 2, (6 if off % 2 else 4)
+        return None
+
+    @classmethod
+    def from_routing(cls, routing) -> Layout:
+        return cls(routing.table, routing.rule_priority, routing.protocol, routing.nexthop_id, routing.fwmark_mask)
+
+
+def allocate_slots(names: Iterable[str], taken: dict[str, int], max_slot: int) -> dict[str, int]:
+    """Give every tunnel name a slot, keeping the slots in TAKEN (existing tunnels, or those read back
+    from the kernel after a restart) and handing out the smallest free ones to the others.
+
+    Raises ValueError when the slots run out (the fwmark mask is too narrow).
+    """
+    names = list(names)
+    result = {n: s for n, s in taken.items() if n in names and FIRST_SLOT <= s <= max_slot}
+    used = set(result.values())
+    free = (s for s in range(FIRST_SLOT, max_slot + 1) if s not in used)
+    for n in names:
+        if n not in result:
+            try:
+                result[n] = next(free)
+            except StopIteration:
+                raise ValueError(f"no free mark slot for tunnel {n!r}: widen routing.fwmark_mask") from None
+    return result
+
+
+def covers(prefixes: Sequence[ipaddress._BaseNetwork], net: ipaddress._BaseNetwork) -> bool:
+    """True when one of PREFIXES contains or overlaps NET (e.g. a 0.0.0.0/0 over a tunnel subnet)."""
+    return any(p.version == net.version and p.overlaps(net) for p in prefixes)

@@ -150,6 +150,144 @@ def cmd_schema(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+# ---------------------------------------------------------------- run
+
+
+def _load_for_run(path: str):
+    from hatun.config import ConfigError, ConfigUnreadable, load_config
+
+    try:
+        return load_config(path)
+    except ConfigUnreadable as e:
+        raise CliError(str(e), EXIT_USAGE) from None
+    except ConfigError as e:
+        lines = "\n".join(f"  {p}" for p in e.problems)
+        raise CliError(f"{path} is not valid ({len(e.problems)} problems; `hatun check {path}` explains):\n{lines}",
+                       EXIT_INVALID) from None
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    import trio
+
+    from hatun import daemon, logs
+    from hatun.control import ControlError
+    from hatun.supervisor import SupervisorError
+    from hatun.wireguard.model import BackendUnavailable, WireGuardError
+
+    config, secrets = _load_for_run(args.config)
+    logs.setup(args.log_format, args.log_level)
+    if os.geteuid() != 0:
+        raise CliError("hatun run needs root (CAP_NET_ADMIN and CAP_NET_RAW): it creates tunnels and routes")
+    try:
+        trio.run(daemon.run, config, secrets, os.path.abspath(args.config))
+    except (BackendUnavailable, SupervisorError, ControlError) as e:
+        raise CliError(str(e), EXIT_INVALID) from None
+    except WireGuardError as e:
+        raise CliError(f"WireGuard: {e}", EXIT_INVALID) from None
+    return EXIT_OK
+
+
+# ---------------------------------------------------------------- talking to a running hatun
+
+
+def _socket_path(args: argparse.Namespace) -> str:
+    if getattr(args, "socket", None):
+        return args.socket
+    if getattr(args, "config", None):
+        from hatun.config import ConfigError, ConfigUnreadable, load_config
+
+        try:
+            config, _ = load_config(args.config, skip_secrets=True)
+        except (ConfigError, ConfigUnreadable) as e:
+            raise CliError(f"cannot read the control socket path from {args.config}: {e}") from None
+        return config.control.socket
+    return "/run/hatun/hatun.sock"
+
+
+def _control(args: argparse.Namespace, req: dict) -> dict:
+    from hatun.control import ControlError, NotRunning, request
+
+    try:
+        reply = request(_socket_path(args), req)
+    except NotRunning as e:
+        raise CliError(str(e), EXIT_NOT_RUNNING) from None
+    except ControlError as e:
+        raise CliError(str(e), EXIT_NOT_RUNNING) from None
+    if not reply.get("ok"):
+        raise CliError(reply.get("error", "failed"), EXIT_INVALID)
+    return reply
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    import time
+
+    from hatun.render import status_text
+
+    if not args.watch:
+        status = _control(args, {"command": "status"})["status"]
+        if args.json:
+            _print_json(status)
+        else:
+            print(status_text(status))
+        return EXIT_OK
+    # --watch: redraw once a second until Ctrl-C (or --count frames, for scripts and tests).
+    frames = 0
+    while args.count is None or frames < args.count:
+        status = _control(args, {"command": "status"})["status"]
+        text = status_text(status, watch=True)
+        sys.stdout.write("\x1b[H\x1b[2J" + text + "\n" if sys.stdout.isatty() else text + "\n\n")
+        sys.stdout.flush()
+        frames += 1
+        if args.count is None or frames < args.count:
+            time.sleep(1.0)
+    return EXIT_OK
+
+
+def cmd_drain(args: argparse.Namespace) -> int:
+    reply = _control(args, {"command": args.command, "tunnel": args.tunnel})
+    print(f"{reply['tunnel']}: {reply['state']}")
+    return EXIT_OK
+
+
+def cmd_reload(args: argparse.Namespace) -> int:
+    reply = _control(args, {"command": "reload"})
+    print(reply["message"])
+    return EXIT_OK
+
+
+# ---------------------------------------------------------------- lab
+
+
+def cmd_lab(args: argparse.Namespace) -> int:
+    import trio
+
+    from hatun.lab import topology
+    from hatun.lab.topology import LabError
+
+    try:
+        if args.lab_command == "up":
+            lab = trio.run(topology.lab_up, args.name, args.gateways, args.backend, args.ipv6)
+            print(f"lab {lab.name!r} is up: {lab.gateways} gateways ({lab.backend} WireGuard), runner namespace"
+                  f" {lab.runner}, service host {topology.SERVICE} in {lab.lan}")
+            print(f"hatun config for the runner: {lab.config_path}")
+            print("next:")
+            print(f"  ip netns exec {lab.runner} hatun run {lab.config_path}")
+            print(f"  hatun status --socket {lab.control_socket}")
+            print(f"  ip netns exec {lab.runner} curl -s http://{topology.SERVICE}/     (which gateway carried it)")
+            print(f"  hatun lab fail gw2 --name {lab.name}   /   hatun lab heal gw2 --name {lab.name}")
+            print(f"  hatun lab down --name {lab.name}")
+        elif args.lab_command == "down":
+            removed = trio.run(topology.lab_down, args.name)
+            print(f"lab {args.name!r} removed" if removed else f"lab {args.name!r}: nothing to remove")
+        elif args.lab_command == "fail":
+            print(trio.run(topology.lab_fail, args.name, args.gateway, args.mode))
+        elif args.lab_command == "heal":
+            print(trio.run(topology.lab_heal, args.name, args.gateway))
+    except LabError as e:
+        raise CliError(str(e), EXIT_INVALID) from None
+    return EXIT_OK
+
+
 # ---------------------------------------------------------------- parser
 
 
@@ -181,6 +319,48 @@ def build_parser() -> argparse.ArgumentParser:
     sp = add("import", cmd_import, "turn wg-quick configs into a hatun config (on standard output)")
     sp.add_argument("files", nargs="+", metavar="WG_CONF")
     sp.add_argument("--key-dir", metavar="DIR", help="where to write the private keys (default: beside the first file)")
+
+    sp = add("run", cmd_run, "run the supervisor in the foreground (for systemd) until SIGTERM/SIGINT")
+    sp.add_argument("config", metavar="CONFIG")
+    sp.add_argument("--log-format", choices=("human", "json"), default="human")
+    sp.add_argument("--log-level", choices=("debug", "info", "warning", "error"), default="info")
+
+    def control_args(sp: argparse.ArgumentParser) -> None:
+        g = sp.add_mutually_exclusive_group()
+        g.add_argument("--socket", metavar="PATH", help="control socket of the hatun to talk to")
+        g.add_argument("--config", metavar="CONFIG", help="take the control socket path from this config")
+
+    sp = add("status", cmd_status, "show every tunnel: state, RTT, loss, weight, throughput, handshake, route")
+    sp.add_argument("--json", action="store_true")
+    sp.add_argument("--watch", action="store_true", help="redraw once a second")
+    sp.add_argument("--count", type=int, help=argparse.SUPPRESS)
+    control_args(sp)
+    for name, text in (("drain", "take a tunnel out of the route for new flows (its flows stay), for maintenance"),
+                       ("undrain", "put a drained tunnel back into the route")):
+        sp = add(name, cmd_drain, text)
+        sp.add_argument("tunnel", metavar="NAME")
+        control_args(sp)
+    sp = add("reload", cmd_reload, "re-read the config file of a running hatun (like SIGHUP) and report the result")
+    control_args(sp)
+
+    lab = add("lab", cmd_lab, "the built-in lab: a runner, gateways and a private LAN in network namespaces")
+    lsub = lab.add_subparsers(dest="lab_command", metavar="LAB_COMMAND")
+    lsub.required = True
+    sp = lsub.add_parser("up", help="build the lab and write a hatun config for its runner")
+    sp.add_argument("--gateways", type=int, default=3)
+    sp.add_argument("--name", default="lab")
+    sp.add_argument("--backend", choices=("auto", "kernel", "userspace"), default="auto")
+    sp.add_argument("--ipv6", action="store_true", help="IPv6 inside the tunnels and in the LAN too")
+    sp = lsub.add_parser("down", help="remove the lab (also after a crash)")
+    sp.add_argument("--name", default="lab")
+    sp = lsub.add_parser("fail", help="break one gateway's path")
+    sp.add_argument("gateway", metavar="GW", help="gw1, gw2, ...")
+    sp.add_argument("--name", default="lab")
+    sp.add_argument("--mode", choices=("blackhole", "kill"), default="blackhole",
+                    help="blackhole: drop all packets on its underlay link; kill: kill its WireGuard peer")
+    sp = lsub.add_parser("heal", help="repair a failed gateway")
+    sp.add_argument("gateway", metavar="GW")
+    sp.add_argument("--name", default="lab")
 
     sp = sub.add_parser("schema", help=argparse.SUPPRESS)
     sp.set_defaults(func=cmd_schema)

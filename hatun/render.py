@@ -41,3 +41,65 @@ def check_summary(config, secrets, source: str, skipped_secrets: bool) -> str:
                  " (paste each public key into its gateway's [Peer] PublicKey):")
     lines.append(table(("name", "interface", "endpoint", "weight", "tier", "probe", "public key"), rows, indent="    "))
     return "\n".join(lines)
+
+
+def _rate(bps: float | None) -> str:
+    """Bytes per second as bits per second, human units."""
+    if bps is None:
+        return "-"
+    bits = bps * 8
+    for unit, size in (("Gb/s", 1e9), ("Mb/s", 1e6), ("kb/s", 1e3)):
+        if bits >= size:
+            return f"{bits / size:.1f} {unit}"
+    return f"{bits:.0f} b/s"
+
+
+def _age(seconds: float | None) -> str:
+    if seconds is None:
+        return "never"
+    if seconds < 120:
+        return f"{seconds:.0f}s"
+    if seconds < 7200:
+        return f"{seconds / 60:.0f}m"
+    return f"{seconds / 3600:.1f}h"
+
+
+def _ms(seconds: float | None) -> str:
+    return "-" if seconds is None else f"{seconds * 1000:.1f}ms" if seconds < 0.1 else f"{seconds * 1000:.0f}ms"
+
+
+def status_text(status: dict, watch: bool = False) -> str:
+    """`hatun status` for people: one line per tunnel, then the route."""
+    import time
+
+    route = status["route"]
+    members = route["members"]
+    if route["unreachable"]:
+        route_line = "UNREACHABLE (no tunnel in service)"
+    elif route["all_down"]:
+        route_line = f"all tunnels down; kept on {', '.join(members)}"
+    else:
+        route_line = f"{', '.join(members)} (tier {route['tier']})"
+    lines = [
+        f"hatun {status['version']} (pid {status['pid']}), {status['backend']} WireGuard, {status['mode']} steering"
+        + ("" if status["ready"] else ", starting"),
+        f"prefixes {', '.join(route['prefixes'])} -> {route_line}",
+    ]
+    if route.get("last_error"):
+        lines.append(f"route problem: {route['last_error']}")
+    rows = []
+    for t in status["tunnels"]:
+        state = t["state"] + (" (drained)" if t["drained"] and t["state"] != "draining" else "")
+        note = t["last_failure"] if t["state"] == "down" and t["last_failure"] else ""
+        if t["endpoint_error"]:
+            note = t["endpoint_error"]
+        elif t["last_error"] and t["state"] != "up":
+            note = t["last_error"]
+        route_col = "yes" if t["in_route"] else ("pinned" if t["pinned"] else "no")
+        rows.append((t["name"], state, _age(t["for_seconds"]), _ms(t["rtt_seconds"]), f"{t['loss'] * 100:.0f}%",
+                     t["weight"], route_col, _rate(t["rx_rate"]), _rate(t["tx_rate"]),
+                     _age(t["handshake_age_seconds"]), note))
+    lines.append(table(("tunnel", "state", "for", "rtt", "loss", "weight", "route", "rx", "tx", "handshake", ""), rows))
+    if watch:
+        lines.append(time.strftime("%H:%M:%S") + "  (Ctrl-C to stop)")
+    return "\n".join(lines)

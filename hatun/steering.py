@@ -157,3 +157,108 @@ def allocate_slots(names: Iterable[str], taken: dict[str, int], max_slot: int) -
 def covers(prefixes: Sequence[ipaddress._BaseNetwork], net: ipaddress._BaseNetwork) -> bool:
     """True when one of PREFIXES contains or overlaps NET (e.g. a 0.0.0.0/0 over a tunnel subnet)."""
     return any(p.version == net.version and p.overlaps(net) for p in prefixes)
+
+
+# ---------------------------------------------------------------- kernel objects
+
+
+@dataclass(frozen=True)
+class RenderTunnel:
+    """A tunnel as the kernel sees it, for `render`."""
+
+    name: str
+    slot: int
+    ifindex: int | None  # None: the device is missing or down (no nexthop possible)
+    subnets: tuple[ipaddress._BaseNetwork, ...]  # its tunnel address networks
+    gateways: dict[int, ipaddress._BaseAddress]  # the gateway's tunnel address per IP version
+
+
+@dataclass(frozen=True)
+class Wanted:
+    """Every kernel object hatun wants, per kind. The reconciler adds, replaces and deletes to match."""
+
+    addresses: tuple = ()  # rtnl.Address: the source address(es) on lo
+    nexthops: tuple = ()  # rtnl.Nexthop: device nexthops, then groups
+    routes: tuple = ()  # rtnl.Route: steering table, tunnel subnets, pinned tables
+    rules: tuple = ()  # rtnl.Rule
+
+
+def render(
+    decision: Decision,
+    tunnels: Sequence[RenderTunnel],
+    *,
+    prefixes: Sequence[ipaddress._BaseNetwork],
+    sources: Sequence[ipaddress._BaseAddress],
+    layout: Layout,
+    mode: str,
+    resilient,
+    pin_flows: bool,
+    lo_index: int,
+) -> Wanted:
+    """The kernel objects for DECISION (pure).
+
+    MODE is "resilient" (nexthop objects in a resilient group; RESILIENT holds its parameters) or
+    "multipath" (a classic weighted multipath route). See docs/design.md for the layout.
+    """
+    import socket
+
+    from hatun.netlink.rtnl import Address, Hop, Nexthop, Route, Rule
+
+    af = {4: socket.AF_INET, 6: socket.AF_INET6}
+    by_name = {t.name: t for t in tunnels}
+    families = sorted({p.version for p in prefixes})
+    source = {s.version: s for s in sources}
+    proto = layout.protocol
+    addresses, nexthops, routes, rules = [], [], [], []
+
+    for v in families:
+        addresses += [Address(lo_index, ipaddress.ip_interface(f"{source[v]}/{32 if v == 4 else 128}"))] if v in source else []
+    members = [m for m in decision.members if by_name.get(m.name) and by_name[m.name].ifindex]
+
+    if mode == "resilient":
+        for t in tunnels:
+            if t.ifindex:
+                nexthops += [Nexthop(layout.nexthop(t.slot, v), af[v], oif=t.ifindex, protocol=proto) for v in families]
+        if members:
+            nexthops += [
+                Nexthop(layout.group(v), 0, protocol=proto, resilient=resilient,
+                        group=tuple((layout.nexthop(m.slot, v), m.weight) for m in members))
+                for v in families
+            ]
+
+    for v in families:
+        for p in (p for p in prefixes if p.version == v):
+            if not members:
+                routes.append(Route(af[v], layout.table, p, type="unreachable", protocol=proto))
+            elif mode == "resilient":
+                routes.append(Route(af[v], layout.table, p, protocol=proto, nh_id=layout.group(v), prefsrc=source.get(v)))
+            elif len(members) == 1:
+                routes.append(Route(af[v], layout.table, p, protocol=proto, oif=by_name[members[0].name].ifindex,
+                                    prefsrc=source.get(v)))
+            else:
+                # IPv6 multipath routes need a gateway on every hop: the gateway's tunnel address.
+                hops = tuple(Hop(by_name[m.name].ifindex, m.weight, by_name[m.name].gateways.get(6) if v == 6 else None)
+                             for m in members)
+                routes.append(Route(af[v], layout.table, p, protocol=proto, multipath=hops, prefsrc=source.get(v)))
+            if pin_flows:
+                for name in decision.pinned:
+                    t = by_name.get(name)
+                    if t is not None and t.ifindex:
+                        routes.append(Route(af[v], layout.pinned_table(t.slot), p, protocol=proto, oif=t.ifindex,
+                                            prefsrc=source.get(v)))
+        # A steered prefix that covers a tunnel's own subnet (e.g. 0.0.0.0/0) would send traffic for
+        # the gateway's tunnel address over any tunnel: route each subnet over its own device.
+        for t in tunnels:
+            for net in t.subnets:
+                if net.version == v and t.ifindex and covers(prefixes, net):
+                    routes.append(Route(af[v], layout.table, net, protocol=proto, oif=t.ifindex))
+
+        if pin_flows:
+            rules += [Rule(af[v], layout.rule_priority, layout.pinned_table(t.slot), fwmark=layout.mark(t.slot),
+                           fwmask=layout.fwmark_mask, protocol=proto) for t in sorted(tunnels, key=lambda t: t.slot)]
+        if any(p.prefixlen == 0 for p in prefixes if p.version == v):
+            # Like wg-quick for a default route: more specific routes of the main table still win.
+            rules.append(Rule(af[v], layout.rule_priority + 1, 254, suppress_prefixlength=0, protocol=proto))
+        rules.append(Rule(af[v], layout.rule_priority + 2, layout.table, fwmark=layout.bypass_mark,
+                          fwmask=layout.fwmark_mask, invert=True, protocol=proto))
+    return Wanted(tuple(addresses), tuple(nexthops), tuple(routes), tuple(rules))

@@ -18,13 +18,11 @@ Two kernel limits shape the rest:
 
 from __future__ import annotations
 
-import ctypes
 import errno as errno_mod
 import logging
 import os
 import socket
 import struct
-import threading
 from collections import deque
 from collections.abc import AsyncIterator, Iterable
 from contextlib import asynccontextmanager
@@ -54,11 +52,11 @@ from pyroute2.netlink import (
 from pyroute2.netlink.rtnl.marshal import MarshalRtnl
 
 from hatun.netlink import messages
+from hatun.netns import NetnsNotFound, run_in_netns
 
 log = logging.getLogger("hatun.netlink")
 
 NETLINK_CAP_ACK = 10
-CLONE_NEWNET = 0x40000000
 SO_RCVBUFFORCE = 33
 
 _HEADER = struct.Struct("=IHHII")  # struct nlmsghdr {u32 len; u16 type; u16 flags; u32 seq; u32 pid}
@@ -96,12 +94,6 @@ class EventsOverflow(Exception):
     """Notifications were lost (the socket's receive buffer overflowed): re-read the state you track."""
 
 
-class NetnsNotFound(FileNotFoundError):
-    """The named network namespace does not exist (it is never created implicitly)."""
-
-    def __str__(self) -> str:
-        return f"{self.strerror} ({self.filename})"
-
 
 def _default_classes(protocol: int) -> dict[int, type]:
     if protocol == NETLINK_ROUTE:
@@ -116,54 +108,13 @@ def _default_classes(protocol: int) -> dict[int, type]:
     return {}
 
 
-_libc = ctypes.CDLL(None, use_errno=True)
-
-
-def _netns_path(netns: str) -> str:
-    return netns if "/" in netns else os.path.join("/run/netns", netns)
-
-
 def _new_socket(protocol: int, netns: str | None) -> socket.socket:
-    """Create the netlink socket, inside NETNS if given.
-
-    A socket belongs to the namespace it was created in, for life. setns() switches only the
-    calling thread, so a short-lived thread of our own enters the namespace, creates the socket and
-    ends; the main thread (and Trio's reusable worker threads) never change namespace.
-    """
+    """Create the netlink socket, inside NETNS if given (it belongs to that namespace for life)."""
     kind = socket.SOCK_RAW | socket.SOCK_NONBLOCK | socket.SOCK_CLOEXEC
-    if netns is None:
-        return socket.socket(socket.AF_NETLINK, kind, protocol)
-    path = _netns_path(netns)
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-    except FileNotFoundError:
-        raise NetnsNotFound(errno_mod.ENOENT, f"network namespace {netns!r} does not exist", path) from None
-    result: dict = {}
-
-    def enter_and_create() -> None:
-        try:
-            if _libc.setns(fd, CLONE_NEWNET) != 0:
-                err = ctypes.get_errno()
-                if err == errno_mod.EINVAL:
-                    raise NetnsNotFound(err, f"{path} is not a network namespace", path)
-                raise OSError(err, f"setns({path}): {os.strerror(err)}")
-            result["sock"] = socket.socket(socket.AF_NETLINK, kind, protocol)
-        except BaseException as exc:  # handed to the caller below
-            result["error"] = exc
-
-    try:
-        # Sub-millisecond work: joining synchronously is cheaper than a Trio worker thread and
-        # keeps this usable outside Trio.
-        thread = threading.Thread(target=enter_and_create, name=f"hatun-netns-{netns}", daemon=True)
-        thread.start()
-        thread.join(timeout=5.0)
-        if thread.is_alive():
-            raise NetlinkTimeout(f"entering network namespace {netns!r} took more than 5 s")
-    finally:
-        os.close(fd)
-    if "error" in result:
-        raise result["error"]
-    return result["sock"]
+        return run_in_netns(netns, lambda: socket.socket(socket.AF_NETLINK, kind, protocol))
+    except TimeoutError as e:
+        raise NetlinkTimeout(str(e)) from None
 
 
 @dataclass

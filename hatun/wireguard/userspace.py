@@ -12,7 +12,6 @@ with a growing pause when it keeps dying, and tells the owner through `on_recrea
 
 from __future__ import annotations
 
-import ctypes
 import dataclasses
 import logging
 import math
@@ -27,6 +26,7 @@ from dataclasses import dataclass, field
 
 import trio
 
+from hatun.netns import netns_path, setns_preexec
 from hatun.wireguard import USERSPACE_HINT, link, uapi
 from hatun.wireguard.model import BackendUnavailable, Changes, DeviceSettings, DeviceStatus, WireGuardError
 
@@ -56,22 +56,7 @@ def check_ifname(ifname: str) -> None:
 
 
 def _netns_path(netns: str | None) -> str:
-    if netns is None:
-        return "/proc/self/ns/net"
-    return netns if "/" in netns else f"/run/netns/{netns}"
-
-
-def _setns_preexec(fd: int) -> Callable[[], None]:
-    # Runs in the child between fork and exec: only a syscall, no imports, no locks.
-    if hasattr(os, "setns"):  # Python >= 3.12
-        return lambda: os.setns(fd, os.CLONE_NEWNET)
-    libc = ctypes.CDLL(None, use_errno=True)
-    setns, clone_newnet = libc.setns, 0x40000000
-
-    def enter() -> None:
-        if setns(fd, clone_newnet) != 0:
-            raise OSError(ctypes.get_errno(), "setns")
-    return enter
+    return "/proc/self/ns/net" if netns is None else netns_path(netns)
 
 
 def _cmdline(pid: int) -> list[str]:
@@ -314,7 +299,7 @@ class UserspaceBackend:
             what = self._exe
             process = await trio.lowlevel.open_process(
                 [self._exe, ifname], stdin=subprocess.DEVNULL, stdout=log_fd, stderr=log_fd, env=env,
-                start_new_session=True, preexec_fn=_setns_preexec(ns_fd) if ns_fd >= 0 else None)
+                start_new_session=True, preexec_fn=setns_preexec(ns_fd) if ns_fd >= 0 else None)
         except (OSError, subprocess.SubprocessError) as e:
             raise WireGuardError(f"{ifname}: cannot start wireguard-go: {what}: {getattr(e, 'strerror', None) or e}"
                                  ) from None

@@ -1,0 +1,44 @@
+"""`hatun run`: the supervisor with its servers (control socket, metrics) and signal handling."""
+
+from __future__ import annotations
+
+import logging
+import signal
+
+import trio
+
+from hatun import __version__
+from hatun.config import Config, Secrets
+from hatun.supervisor import Supervisor
+
+log = logging.getLogger("hatun")
+
+
+async def _serve_signals(sup: Supervisor, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
+    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
+        task_status.started()
+        async for signum in signals:
+            if signum == signal.SIGHUP:
+                await sup.reload()
+            else:
+                log.info("received %s", signal.Signals(signum).name)
+                sup.stop()
+
+
+async def run(config: Config, secrets: Secrets, config_path: str | None) -> None:
+    """Run hatun until SIGTERM/SIGINT (or a `stop` through the control socket)."""
+    from hatun.control import serve_control
+    from hatun.metrics import serve_metrics
+
+    sup = Supervisor(config, secrets, config_path)
+    async with trio.open_nursery() as servers:
+        await servers.start(_serve_signals, sup)
+        async with trio.open_nursery() as core:
+            await core.start(sup.run)
+            await servers.start(serve_control, sup)
+            if config.metrics.address is not None:
+                await servers.start(serve_metrics, sup)
+            log.info("hatun %s running: %d tunnels, backend %s, steering %s", __version__, len(sup.tunnels),
+                     sup.backend_name, sup.mode)
+        # sup.run has returned: stopped and cleaned up. The servers go with it.
+        servers.cancel_scope.cancel()

@@ -1,0 +1,478 @@
+"""The built-in lab: a runner, N gateways and a private LAN, in network namespaces of this machine.
+
+    hl-NAME-run ──ul1── hl-NAME-gw1 ──lan──┐
+        │       ──ul2── hl-NAME-gw2 ──lan──┼── lanbr (hl-NAME-lan): service host 198.19.77.200
+        │       ──ulN── hl-NAME-gwN ──lan──┘
+        └─ hatun runs here (config written by `lab up`), tunnels hlNAMEr1..N over ul1..N
+
+Each gateway runs a WireGuard peer configured by hatun's own backend code, forwards into the LAN
+and masquerades, so replies return through the gateway that carried the request. Only addresses of
+198.18.0.0/15 (and 2001:2::/48 with IPv6) are used; no namespace has a route to the outside.
+wireguard-go's UAPI socket directory is global to the machine, so every interface name carries the
+lab name and several labs can coexist.
+
+The lab is made with `ip` (allowed for the lab; hatun itself uses netlink) and torn down by
+namespace name, so `down` also cleans up after a crash.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import json
+import logging
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+
+import trio
+
+from hatun.keys import PrivateKey, load_private_key_file, write_private_key_file
+from hatun.wireguard.model import BackendUnavailable, DeviceSettings, PeerSettings
+
+log = logging.getLogger("hatun.lab")
+
+LAB_ROOT = "/run/hatun/lab"
+NAME_RE = re.compile(r"^[a-z0-9]{1,8}$")
+WG_PORT = 51820
+LAN = ipaddress.ip_network("198.19.77.0/24")
+LAN6 = ipaddress.ip_network("2001:2:0:77::/64")
+SERVICE = "198.19.77.200"
+SERVICE6 = "2001:2:0:77::200"
+SOURCE = "198.18.99.1"
+SOURCE6 = "2001:2:0:99::1"
+MAX_GATEWAYS = 199  # gateway I has LAN address 198.19.77.I; .200 is the service host
+
+
+class LabError(Exception):
+    """The lab cannot be built or changed; the message says why and what to do."""
+
+
+@dataclass
+class Lab:
+    """A lab's layout and state, saved as LAB_ROOT/NAME/lab.json."""
+
+    name: str
+    gateways: int
+    backend: str
+    ipv6: bool = False
+    pids: dict[str, int] = field(default_factory=dict)  # process label -> pid (service host...)
+    failed: dict[str, str] = field(default_factory=dict)  # gateway -> failure mode
+
+    @property
+    def dir(self) -> str:
+        return os.path.join(LAB_ROOT, self.name)
+
+    @property
+    def config_path(self) -> str:
+        return os.path.join(self.dir, "hatun.toml")
+
+    @property
+    def control_socket(self) -> str:
+        return os.path.join(self.dir, "hatun.sock")
+
+    @property
+    def runner(self) -> str:
+        return f"hl-{self.name}-run"
+
+    @property
+    def lan(self) -> str:
+        return f"hl-{self.name}-lan"
+
+    def gw_ns(self, i: int) -> str:
+        return f"hl-{self.name}-gw{i}"
+
+    def gw_ifname(self, i: int) -> str:
+        return f"hl{self.name}g{i}"
+
+    def runner_ifname(self, i: int) -> str:
+        return f"hl{self.name}r{i}"
+
+    def namespaces(self) -> list[str]:
+        return [self.runner, self.lan] + [self.gw_ns(i) for i in range(1, self.gateways + 1)]
+
+    def gateway_index(self, gw: str) -> int:
+        m = re.fullmatch(r"(?:gw)?(\d+)", gw)
+        if not m or not 1 <= int(m.group(1)) <= self.gateways:
+            raise LabError(f"no gateway {gw!r} in lab {self.name!r} (it has gw1..gw{self.gateways})")
+        return int(m.group(1))
+
+    def save(self) -> None:
+        tmp = os.path.join(self.dir, "lab.json.tmp")
+        with open(tmp, "w") as f:
+            json.dump(asdict(self), f, indent=1)
+        os.replace(tmp, os.path.join(self.dir, "lab.json"))
+
+    @classmethod
+    def load(cls, name: str) -> Lab:
+        check_name(name)
+        try:
+            with open(os.path.join(LAB_ROOT, name, "lab.json")) as f:
+                return cls(**json.load(f))
+        except FileNotFoundError:
+            raise LabError(f"no lab named {name!r} is up (start one with: hatun lab up --name {name})") from None
+
+
+def check_name(name: str) -> None:
+    if not NAME_RE.match(name):
+        raise LabError(f"lab name {name!r}: use 1-8 lowercase letters or digits (it goes into interface names)")
+
+
+# Gateways 1..98 get the readable plan (underlay 198.18.I.0/30, tunnel 198.18.(100+I).0/30); larger
+# labs continue in /30 blocks of 198.19.192.0/22 and 198.19.208.0/22.
+READABLE = 98
+
+
+def tunnel_net(i: int, v6: bool = False):
+    """Tunnel I's subnet: gateway .1, runner .2 (IPv6: 2001:2:0:(100+I)::/64, same roles)."""
+    if v6:
+        return ipaddress.ip_network(f"2001:2:0:{100 + i:x}::/64")
+    if i <= READABLE:
+        base = ipaddress.ip_address("198.18.100.0") + 256 * i
+    else:
+        base = ipaddress.ip_address("198.19.208.0") + 4 * (i - READABLE)
+    return ipaddress.ip_network(f"{base}/30")
+
+
+def underlay(i: int) -> tuple[str, str]:
+    """(runner, gateway) addresses with prefix length of underlay link I: 198.18.I.1/30 and .2."""
+    if i <= READABLE:
+        base = ipaddress.ip_address("198.18.0.0") + 256 * i
+    else:
+        base = ipaddress.ip_address("198.19.192.0") + 4 * (i - READABLE)
+    return f"{base + 1}/30", f"{base + 2}/30"
+
+
+def require_root() -> None:
+    if os.geteuid() != 0:
+        raise LabError("the lab needs root: it creates network namespaces, links and WireGuard devices")
+    if shutil.which("ip") is None:
+        raise LabError("the lab needs iproute2 (apt-get install iproute2)")
+
+
+def _run(cmd: list[str], *, input: str | None = None, check: bool = True, timeout: float = 60) -> subprocess.CompletedProcess:
+    res = subprocess.run(cmd, input=input, capture_output=True, text=True, timeout=timeout)
+    if check and res.returncode != 0:
+        raise LabError(f"{' '.join(cmd[:6])}{' ...' if len(cmd) > 6 else ''}: {res.stderr.strip() or res.stdout.strip()}")
+    return res
+
+
+def _batch(netns: str | None, commands: list[str]) -> None:
+    """Run `ip` commands in one process (fast for large labs)."""
+    if commands:
+        _run(["ip"] + (["-n", netns] if netns else []) + ["-batch", "-"], input="\n".join(commands) + "\n")
+
+
+def _sysctl(netns: str, settings: dict[str, str]) -> None:
+    script = "; ".join(f"echo {v} > /proc/sys/{k.replace('.', '/')}" for k, v in settings.items())
+    _run(["ip", "netns", "exec", netns, "sh", "-c", script])
+
+
+def existing_namespaces(name: str | None = None) -> list[str]:
+    """Lab namespaces on this machine (of lab NAME, or of every lab)."""
+    res = _run(["ip", "netns", "list"], check=False)
+    found = [line.split()[0] for line in res.stdout.splitlines() if line.strip()]
+    prefix = f"hl-{name}-" if name else "hl-"
+    return [ns for ns in found if ns.startswith(prefix)]
+
+
+def gateway_settings(lab: Lab, i: int, runner_public) -> DeviceSettings:
+    """Gateway I's WireGuard device: it accepts the runner's tunnel address and the source address."""
+    key = load_private_key_file(os.path.join(lab.dir, f"gw{i}.key"))
+    net = tunnel_net(i)
+    allowed = [ipaddress.ip_network(f"{net[2]}/32"), ipaddress.ip_network(f"{SOURCE}/32")]
+    addresses = [ipaddress.ip_interface(f"{net[1]}/30")]
+    if lab.ipv6:
+        net6 = tunnel_net(i, True)
+        allowed += [ipaddress.ip_network(f"{net6[2]}/128"), ipaddress.ip_network(f"{SOURCE6}/128")]
+        addresses.append(ipaddress.ip_interface(f"{net6[1]}/64"))
+    return DeviceSettings(lab.gw_ifname(i), key, PeerSettings(runner_public, None, 0, tuple(allowed)),
+                          listen_port=WG_PORT, addresses=tuple(addresses))
+
+
+async def _with_backend(lab: Lab, netns: str, fn):
+    """Run FN(backend) with a backend (the lab's kind) working in NETNS."""
+    if lab.backend == "kernel":
+        from hatun.wireguard.kernel import open_kernel_backend
+
+        async with open_kernel_backend(netns=netns) as backend:
+            return await fn(backend)
+    from hatun.wireguard.userspace import open_userspace_backend
+
+    async with open_userspace_backend(netns=netns, run_dir=lab.dir) as backend:
+        return await fn(backend)
+
+
+async def _start_gateway_wireguard(lab: Lab, i: int) -> None:
+    runner_public = load_private_key_file(os.path.join(lab.dir, f"runner{i}.key")).public_key
+    settings = gateway_settings(lab, i, runner_public)
+
+    async def apply(backend):
+        await backend.apply(settings)
+
+    await _with_backend(lab, lab.gw_ns(i), apply)
+    # Replies to the runner's source address go back into the tunnel they came from.
+    routes = [f"route replace {SOURCE}/32 dev {lab.gw_ifname(i)}"]
+    if lab.ipv6:
+        routes.append(f"-6 route replace {SOURCE6}/128 dev {lab.gw_ifname(i)}")
+    _batch(lab.gw_ns(i), routes)
+
+
+def _config_text(lab: Lab, health: dict[str, str] | None = None, extra_routing: dict[str, str] | None = None) -> str:
+    prefixes = [str(LAN)] + ([str(LAN6)] if lab.ipv6 else [])
+    sources = [SOURCE] + ([SOURCE6] if lab.ipv6 else [])
+    routing = {"prefixes": json.dumps(prefixes), "source": json.dumps(sources), **(extra_routing or {})}
+    health = {"interval": '"100ms"', "timeout": '"250ms"', "rise": "3", "fall": "2", **(health or {})}
+    lines = [
+        f"# hatun config for lab {lab.name!r}, written by `hatun lab up`.",
+        f"# Run it in the runner namespace:  ip netns exec {lab.runner} hatun run {lab.config_path}",
+        f'backend = "{lab.backend}"',
+        f'run_dir = "{lab.dir}/run"',
+        "",
+        "[routing]",
+        *(f"{k} = {v}" for k, v in routing.items()),
+        "",
+        "[health]",
+        *(f"{k} = {v}" for k, v in health.items()),
+        "",
+        "[metrics]",
+        'listen = "127.0.0.1:9469"  # inside the runner namespace',
+        "",
+        "[control]",
+        f'socket = "{lab.control_socket}"',
+        "",
+    ]
+    for i in range(1, lab.gateways + 1):
+        net = tunnel_net(i)
+        gw_public = load_private_key_file(os.path.join(lab.dir, f"gw{i}.key")).public_key
+        address = [f"{net[2]}/30"] + ([f"{tunnel_net(i, True)[2]}/64"] if lab.ipv6 else [])
+        lines += [
+            "[[tunnels]]",
+            f'name = "gw{i}"',
+            f'interface = "{lab.runner_ifname(i)}"',
+            f'private_key_file = "{lab.dir}/runner{i}.key"',
+            f"address = {json.dumps(address)}",
+            f'peer_public_key = "{gw_public.base64}"',
+            f'endpoint = "{underlay(i)[1].split("/")[0]}:{WG_PORT}"',
+            "keepalive = 25",
+            "",
+        ]
+    return "\n".join(lines)
+
+
+def write_config(lab: Lab, path: str | None = None, **kwargs) -> str:
+    """Write a hatun config for the lab's runner (PATH, default the lab's own); return its path."""
+    path = path or lab.config_path
+    with open(path, "w") as f:
+        f.write(_config_text(lab, **kwargs))
+    return path
+
+
+async def lab_up(name: str = "lab", gateways: int = 3, backend: str = "auto", ipv6: bool = False) -> Lab:
+    """Build lab NAME with GATEWAYS gateways. Raises LabError (with what to do) on any problem,
+    after removing what was already built."""
+    require_root()
+    check_name(name)
+    if not 1 <= gateways <= MAX_GATEWAYS:
+        raise LabError(f"--gateways must be 1..{MAX_GATEWAYS}")
+    if existing_namespaces(name):
+        raise LabError(f"lab {name!r} is already up (hatun lab down --name {name} removes it)")
+    from hatun.wireguard import select_backend
+
+    try:
+        kind = await select_backend(backend)
+    except BackendUnavailable as e:
+        raise LabError(f"the lab needs WireGuard: {e}") from None
+    lab = Lab(name, gateways, kind, ipv6)
+    os.makedirs(lab.dir, mode=0o700, exist_ok=True)
+    os.makedirs(os.path.join(lab.dir, "run"), mode=0o700, exist_ok=True)
+    try:
+        _build(lab)
+        for i in range(1, gateways + 1):
+            await _start_gateway_wireguard(lab, i)
+        _start_services(lab)
+        write_config(lab)
+        lab.save()
+    except BaseException:
+        with trio.CancelScope(shield=True):
+            await lab_down(name)
+        raise
+    return lab
+
+
+def _build(lab: Lab) -> None:
+    for i in range(1, lab.gateways + 1):
+        for who in ("gw", "runner"):
+            path = os.path.join(lab.dir, f"{who}{i}.key")
+            if not os.path.exists(path):
+                write_private_key_file(path, PrivateKey.generate())
+    for ns in lab.namespaces():
+        _run(["ip", "netns", "add", ns])
+    lan6 = [f"-6 addr add {SERVICE6}/64 dev lanbr nodad"] if lab.ipv6 else []
+    _batch(lab.lan, ["link set lo up", "link add name lanbr type bridge", f"addr add {SERVICE}/24 dev lanbr", *lan6, "link set dev lanbr up"])
+    runner_cmds = ["link set lo up"]
+    root_cmds = []
+    for i in range(1, lab.gateways + 1):
+        # Each veth is created straight inside its two namespaces: nothing appears in ours.
+        root_cmds.append(f"link add name ul{i} netns {lab.runner} type veth peer name ul netns {lab.gw_ns(i)}")
+        root_cmds.append(f"link add name lan netns {lab.gw_ns(i)} type veth peer name gw{i} netns {lab.lan}")
+    _batch(None, root_cmds)
+    lan_ports = []
+    for i in range(1, lab.gateways + 1):
+        runner_ul, gw_ul = underlay(i)
+        runner_cmds += [f"addr add {runner_ul} dev ul{i}", f"link set ul{i} up"]
+        lan_ports += [f"link set dev gw{i} master lanbr", f"link set gw{i} up"]
+        gw6 = [f"-6 addr add {LAN6[i]}/64 dev lan nodad"] if lab.ipv6 else []
+        _batch(lab.gw_ns(i), ["link set lo up", f"addr add {gw_ul} dev ul", "link set ul up",
+                              f"addr add {LAN[i]}/24 dev lan", *gw6, "link set lan up"])
+        settings = {"net.ipv4.ip_forward": "1", "net.ipv4.conf.all.rp_filter": "0"}
+        if lab.ipv6:
+            settings["net.ipv6.conf.all.forwarding"] = "1"
+        _sysctl(lab.gw_ns(i), settings)
+        # Masquerade into the LAN: replies come back to the gateway that carried the request.
+        _run(["ip", "netns", "exec", lab.gw_ns(i), "nft", "-f", "-"], input=(
+            "table inet hatunlab {\n"
+            "  chain postrouting { type nat hook postrouting priority srcnat; oifname \"lan\" masquerade; }\n"
+            "}\n"))
+    _batch(lab.runner, runner_cmds)
+    _batch(lab.lan, lan_ports)
+    if lab.ipv6:
+        _sysctl(lab.lan, {"net.ipv6.conf.all.accept_dad": "0"})
+
+
+def _start_services(lab: Lab) -> None:
+    log_path = os.path.join(lab.dir, "services.log")
+    addresses = [SERVICE] + ([SERVICE6] if lab.ipv6 else [])
+    with open(log_path, "ab") as out:
+        proc = subprocess.Popen(["ip", "netns", "exec", lab.lan, sys.executable, "-m", "hatun.lab.services", *addresses],
+                                stdin=subprocess.DEVNULL, stdout=out, stderr=out, start_new_session=True)
+    lab.pids["services"] = proc.pid
+    # Bounded wait until the UDP echo answers (a few hundred ms at most).
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        res = _run(["ip", "netns", "exec", lab.lan, "ss", "-lun"], check=False)
+        if ":9000" in res.stdout:
+            return
+        if proc.poll() is not None:
+            raise LabError(f"the lab's service host exited: see {log_path}")
+        time.sleep(0.05)
+    raise LabError(f"the lab's service host did not start within 10 s: see {log_path}")
+
+
+def _kill_pids(pids: list[int], grace: float = 3.0) -> None:
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        for pid in pids:
+            try:
+                os.kill(pid, sig)
+            except ProcessLookupError:
+                pass
+        deadline = time.monotonic() + grace
+        while time.monotonic() < deadline:
+            pids = [p for p in pids if os.path.exists(f"/proc/{p}") and not _is_zombie(p)]
+            if not pids:
+                return
+            time.sleep(0.05)
+
+
+def _is_zombie(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] == "Z"
+    except OSError:
+        return True
+
+
+async def lab_down(name: str = "lab") -> list[str]:
+    """Remove lab NAME: its processes (every process inside its namespaces was started by the lab or
+    by hatun for it), namespaces, stale wireguard-go sockets and files. Idempotent."""
+    require_root()
+    check_name(name)
+    removed = []
+    namespaces = existing_namespaces(name)
+    pids = []
+    for ns in namespaces:
+        pids += [int(p) for p in _run(["ip", "netns", "pids", ns], check=False).stdout.split()]
+    if pids:
+        _kill_pids(pids)
+        removed.append(f"{len(pids)} processes")
+    for ns in namespaces:
+        _run(["ip", "netns", "del", ns], check=False)
+    removed += namespaces
+    for sock in _glob_sockets(name):
+        try:
+            os.unlink(sock)
+            removed.append(sock)
+        except OSError:
+            pass
+    lab_dir = os.path.join(LAB_ROOT, name)
+    if os.path.isdir(lab_dir):
+        shutil.rmtree(lab_dir, ignore_errors=True)
+        removed.append(lab_dir)
+    return removed
+
+
+def _glob_sockets(name: str) -> list[str]:
+    d = "/run/wireguard"
+    pattern = re.compile(rf"^hl{name}[gr]\d+\.sock$")
+    try:
+        return [os.path.join(d, f) for f in os.listdir(d) if pattern.match(f)]
+    except FileNotFoundError:
+        return []
+
+
+def _gateway_wireguard_pid(lab: Lab, i: int) -> int | None:
+    ifname = lab.gw_ifname(i)
+    for pid in _run(["ip", "netns", "pids", lab.gw_ns(i)], check=False).stdout.split():
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                args = f.read().split(b"\0")
+        except OSError:
+            continue
+        if any(a.endswith(b"wireguard-go") for a in args) and ifname.encode() in args:
+            return int(pid)
+    return None
+
+
+async def lab_fail(name: str, gw: str, mode: str = "blackhole") -> str:
+    """Break gateway GW's path: "blackhole" drops everything on its underlay link (a silent failure,
+    as a dead path looks from afar); "kill" kills its WireGuard peer (wireguard-go, or deletes the
+    kernel device). Returns a description."""
+    require_root()
+    lab = Lab.load(name)
+    i = lab.gateway_index(gw)
+    ns = lab.gw_ns(i)
+    if mode == "blackhole":
+        _run(["ip", "netns", "exec", ns, "nft", "-f", "-"], input=(
+            "table inet hatunfail {\n"
+            "  chain in { type filter hook input priority -300; iifname \"ul\" drop; }\n"
+            "  chain out { type filter hook output priority -300; oifname \"ul\" drop; }\n"
+            "}\n"))
+        what = f"gw{i}: underlay blackholed (all packets dropped on its link)"
+    elif mode == "kill":
+        pid = _gateway_wireguard_pid(lab, i)
+        if pid is not None:
+            os.kill(pid, signal.SIGKILL)
+        else:
+            _run(["ip", "-n", ns, "link", "del", lab.gw_ifname(i)], check=False)
+        what = f"gw{i}: WireGuard peer killed"
+    else:
+        raise LabError(f"unknown failure mode {mode!r}: use blackhole or kill")
+    lab.failed[f"gw{i}"] = mode
+    lab.save()
+    return what
+
+
+async def lab_heal(name: str, gw: str) -> str:
+    """Repair what `lab_fail` broke on gateway GW."""
+    require_root()
+    lab = Lab.load(name)
+    i = lab.gateway_index(gw)
+    _run(["ip", "netns", "exec", lab.gw_ns(i), "nft", "delete", "table", "inet", "hatunfail"], check=False)
+    await _start_gateway_wireguard(lab, i)  # idempotent: restarts a killed peer, else changes nothing
+    lab.failed.pop(f"gw{i}", None)
+    lab.save()
+    return f"gw{i}: healed"

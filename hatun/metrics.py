@@ -1,0 +1,194 @@
+"""Prometheus metrics and the HTTP endpoint: /metrics, /healthz (alive), /readyz (a tunnel in service).
+
+hatun's own behaviour (probes, transitions) is instrumented directly as it happens; the state of
+WireGuard (byte counters, handshakes) is read fresh from the devices at scrape time by a custom
+collector, so throughput per tunnel is exactly what WireGuard counted.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import h11
+import trio
+from prometheus_client import CollectorRegistry, Counter, Histogram
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.exposition import choose_encoder
+
+from hatun import __version__
+from hatun.health import State
+
+log = logging.getLogger("hatun.metrics")
+
+RTT_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
+STATES = [str(s) for s in State]
+TRANSITION_TARGETS = ("up", "down", "draining")
+REQUEST_TIMEOUT = 10.0
+
+
+class Metrics:
+    """The registry of one supervisor: direct instruments plus a scrape-time collector."""
+
+    def __init__(self, sup) -> None:
+        self.sup = sup
+        self.registry = CollectorRegistry(auto_describe=True)
+        self.rtt = Histogram("hatun_tunnel_probe_rtt_seconds", "Round-trip time of probes through the tunnel",
+                             ["tunnel"], buckets=RTT_BUCKETS, registry=self.registry)
+        self.probes = Counter("hatun_tunnel_probes", "Probes sent through the tunnel, by result",
+                              ["tunnel", "result"], registry=self.registry)
+        self.transitions = Counter("hatun_tunnel_transitions", "State changes of the tunnel, by new state",
+                                   ["tunnel", "to"], registry=self.registry)
+        self._known: set[str] = set()
+        self.registry.register(_StateCollector(sup))
+        sup.events_listeners.append(self._on_event)
+
+    def _ensure(self, name: str) -> None:
+        # Every series exists from the start (at 0), so rate() and increase() see the first event.
+        if name not in self._known:
+            self._known.add(name)
+            for result in ("success", "failure"):
+                self.probes.labels(name, result)
+            for to in TRANSITION_TARGETS:
+                self.transitions.labels(name, to)
+            self.rtt.labels(name)
+
+    def forget_removed(self) -> None:
+        for name in list(self._known - set(self.sup.tunnels)):
+            self._known.discard(name)
+            for result in ("success", "failure"):
+                self.probes.remove(name, result)
+            for to in TRANSITION_TARGETS:
+                self.transitions.remove(name, to)
+            self.rtt.remove(name)
+
+    def _on_event(self, kind: str, rt, *args) -> None:
+        self._ensure(rt.name)
+        if kind == "probe":
+            ok, rtt = args
+            self.probes.labels(rt.name, "success" if ok else "failure").inc()
+            if ok and rtt is not None:
+                self.rtt.labels(rt.name).observe(rtt)
+        elif kind == "transition":
+            state = str(args[0])
+            if state in TRANSITION_TARGETS:
+                self.transitions.labels(rt.name, state).inc()
+
+    async def render(self, accept: str | None) -> tuple[bytes, str]:
+        """The exposition for a scrape: WireGuard counters are read fresh first."""
+        for rt in list(self.sup.tunnels.values()):
+            self._ensure(rt.name)
+            await self.sup.read_status(rt)
+        self.forget_removed()
+        encoder, content_type = choose_encoder(accept or "")
+        return encoder(self.registry), content_type
+
+
+class _StateCollector:
+    """State read at scrape time: tunnel states, weights, WireGuard counters, route, reloads."""
+
+    def __init__(self, sup) -> None:
+        self.sup = sup
+
+    def describe(self):
+        return []
+
+    def collect(self):
+        sup = self.sup
+        snap = sup.snapshot()
+        up = GaugeMetricFamily("hatun_tunnel_up", "1 when the tunnel is in service (state up)", labels=["tunnel"])
+        state = GaugeMetricFamily("hatun_tunnel_state", "Tunnel state: 1 for the current one", labels=["tunnel", "state"])
+        rx = CounterMetricFamily("hatun_tunnel_receive_bytes", "Bytes received from the gateway (WireGuard counter)", labels=["tunnel"])
+        tx = CounterMetricFamily("hatun_tunnel_transmit_bytes", "Bytes sent to the gateway (WireGuard counter)", labels=["tunnel"])
+        hs = GaugeMetricFamily("hatun_tunnel_last_handshake_timestamp_seconds", "Time of the last WireGuard handshake (0: never)", labels=["tunnel"])
+        loss = GaugeMetricFamily("hatun_tunnel_probe_loss_ratio", "Share of the last 20 probes that failed", labels=["tunnel"])
+        weight = GaugeMetricFamily("hatun_tunnel_weight", "Effective weight in the route (0: out of the route for new flows)", labels=["tunnel"])
+        cweight = GaugeMetricFamily("hatun_tunnel_configured_weight", "Configured weight", labels=["tunnel"])
+        for t in snap["tunnels"]:
+            name = t["name"]
+            up.add_metric([name], 1.0 if t["state"] == "up" else 0.0)
+            for s in STATES:
+                state.add_metric([name, s], 1.0 if t["state"] == s else 0.0)
+            if t["rx_bytes"] is not None:
+                rx.add_metric([name], float(t["rx_bytes"]))
+                tx.add_metric([name], float(t["tx_bytes"]))
+            hs.add_metric([name], float(t["last_handshake"] or 0.0))
+            loss.add_metric([name], t["loss"])
+            weight.add_metric([name], float(t["weight"]))
+            cweight.add_metric([name], float(t["configured_weight"]))
+        yield from (up, state, rx, tx, hs, loss, weight, cweight)
+        in_service = GaugeMetricFamily("hatun_route_tunnels_in_service", "Tunnels carrying new flows")
+        in_service.add_metric([], float(len(snap["route"]["members"]) if not snap["route"]["all_down"] else 0))
+        yield in_service
+        reloads = CounterMetricFamily("hatun_config_reloads", "Config reloads, by result", labels=["result"])
+        for result in ("success", "failure"):
+            reloads.add_metric([result], float(sup.reloads.get(result, 0)))
+        yield reloads
+        last = GaugeMetricFamily("hatun_config_last_reload_successful", "1 when the last reload worked (or none was tried)")
+        last.add_metric([], 1.0 if sup.last_reload_ok else 0.0)
+        yield last
+        repairs = CounterMetricFamily("hatun_route_repairs", "Kernel objects repaired after a change behind hatun's back", labels=["object"])
+        for obj in ("route", "nexthop", "rule", "address", "link"):
+            repairs.add_metric([obj], float(sup.repairs.get(obj, 0)))
+        yield repairs
+        info = GaugeMetricFamily("hatun_build_info", "hatun's version and WireGuard backend", labels=["version", "backend"])
+        info.add_metric([__version__, sup.backend_name or "unknown"], 1.0)
+        yield info
+
+
+async def _respond(stream: trio.SocketStream, metrics: Metrics) -> None:
+    conn = h11.Connection(h11.SERVER)
+    try:
+        with trio.move_on_after(REQUEST_TIMEOUT):
+            while True:
+                event = conn.next_event()
+                if event is h11.NEED_DATA:
+                    data = await stream.receive_some(16384)
+                    conn.receive_data(data)
+                    if not data and conn.their_state is not h11.DONE:
+                        return
+                    continue
+                if isinstance(event, h11.Request):
+                    break
+                if isinstance(event, (h11.ConnectionClosed,)) or event is h11.PAUSED:
+                    return
+            path = event.target.decode(errors="replace").split("?", 1)[0]
+            headers = {k.decode().lower(): v.decode(errors="replace") for k, v in event.headers}
+            status, body, ctype = 200, b"", "text/plain; charset=utf-8"
+            if event.method not in (b"GET", b"HEAD"):
+                status, body = 405, b"method not allowed\n"
+            elif path == "/metrics":
+                body, ctype = await metrics.render(headers.get("accept"))
+            elif path == "/healthz":
+                body = b"ok\n"
+            elif path == "/readyz":
+                members = metrics.sup.decision.member_names() if metrics.sup.decision else ()
+                if members and not metrics.sup.decision.all_down:
+                    body = f"ready: {len(members)} tunnels in service\n".encode()
+                else:
+                    status, body = 503, b"not ready: no tunnel in service\n"
+            elif path == "/":
+                body = b"hatun: see /metrics, /healthz, /readyz\n"
+            else:
+                status, body = 404, b"not found\n"
+            response = h11.Response(status_code=status, headers=[
+                ("Content-Type", ctype), ("Content-Length", str(len(body))), ("Connection", "close")])
+            await stream.send_all(conn.send(response))
+            if event.method != b"HEAD":
+                await stream.send_all(conn.send(h11.Data(data=body)))
+            await stream.send_all(conn.send(h11.EndOfMessage()))
+    except (h11.RemoteProtocolError, trio.BrokenResourceError, trio.ClosedResourceError):
+        pass
+    finally:
+        await stream.aclose()
+
+
+async def serve_metrics(sup, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
+    """Serve /metrics, /healthz and /readyz on the configured address until cancelled."""
+    host, port = sup.config.metrics.address
+    metrics = Metrics(sup)
+    listeners = await trio.open_tcp_listeners(port, host=host)
+    log.info("metrics on http://%s:%d/metrics", f"[{host}]" if ":" in host else host, port)
+    async with trio.open_nursery() as nursery:
+        task_status.started(metrics)
+        for listener in listeners:
+            nursery.start_soon(trio.serve_listeners, lambda s: _respond(s, metrics), [listener])

@@ -1,0 +1,924 @@
+"""The supervisor: one Trio nursery holding every tunnel, the probes, the steering and the servers.
+
+    run ─┬─ events      rtnetlink notifications: tunnel devices coming and going, drift
+         ├─ reconciler  steering.decide + render -> routes.Reconciler.sync (+ nftables pinning)
+         ├─ stats       WireGuard counters and handshakes (passive health signal)
+         ├─ tunnel gw1 ─┬─ device (backend apply, re-apply when it vanishes)
+         │              ├─ probes (pinned to the device, restarted when the device is re-created)
+         │              └─ resolver (DNS endpoints)
+         ├─ tunnel gw2 ...
+         ├─ metrics / control servers, signals
+
+A failure inside one tunnel's tasks is logged and that tunnel alone is restarted with backoff.
+State changes poke the reconciler, which computes the wanted kernel objects from the current state
+and makes the kernel match; it also runs on netlink events (drift) and every few seconds.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import json
+import logging
+import os
+import socket
+import time
+from collections import Counter
+from contextlib import AsyncExitStack
+from dataclasses import dataclass, field
+
+import trio
+
+from hatun import __version__, sysctl
+from hatun.config import Config, ConfigError, ConfigUnreadable, Secrets, Tunnel, default_peer_address, load_config
+from hatun.health import State, Transition, TunnelHealth, display_state
+from hatun.netlink.core import EventsOverflow, NetlinkError, NetlinkTimeout
+from hatun.netlink.rtnl import Link, Nexthop, Resilient, Route, Rtnl, Rule, open_rtnl, open_rtnl_events
+from hatun.pinning import Pinning, PinningError
+from hatun.probes import make_transport, run_probes
+from hatun.routes import Reconciler, adopted_members
+from hatun.steering import Layout, Member, RenderTunnel, TunnelView, allocate_slots, decide, render
+from hatun.wireguard.model import DeviceSettings, DeviceStatus, PeerSettings, WireGuardError
+
+log = logging.getLogger("hatun")
+
+FULL_SYNC_INTERVAL = 5.0  # safety net: event sockets can overflow
+STATS_INTERVAL = 2.0
+DEBOUNCE = 0.005  # coalesce a burst of pokes into one sync
+TEARDOWN_GRACE = 10.0
+RETRY_SYNC_AFTER = 0.3
+# Keys that decide where hatun's kernel objects live; changing them needs a restart.
+RESTART_ONLY = [
+    ("backend",), ("run_dir",), ("control", "socket"), ("metrics", "listen"), ("routing", "table"),
+    ("routing", "rule_priority"), ("routing", "protocol"), ("routing", "nexthop_id"),
+    ("routing", "fwmark_mask"), ("routing", "nft_table"), ("routing", "mode"), ("routing", "pin_flows"),
+]
+
+
+class SupervisorError(Exception):
+    """hatun cannot start or run; the message says why and what to do."""
+
+
+@dataclass
+class TunnelRuntime:
+    """Everything the supervisor knows about one tunnel."""
+
+    cfg: Tunnel
+    key: object  # PrivateKey
+    slot: int
+    health: TunnelHealth
+    interval: float
+    timeout: float
+    jitter: float
+    handshake_timeout: float
+    drained: bool = False
+    removing: bool = False
+    presumed_up: bool = False
+    ifindex: int | None = None
+    link_up: bool = False
+    endpoint: tuple[str, int] | None = None
+    endpoint_error: str | None = None
+    status: DeviceStatus | None = None
+    status_at: float = 0.0
+    rx_rate: float = 0.0
+    tx_rate: float = 0.0
+    last_error: str | None = None
+    restarts: int = 0
+    started_at: float = 0.0
+    transitions: Counter = field(default_factory=Counter)
+    probe_scope: trio.CancelScope | None = None
+    scope: trio.CancelScope | None = None
+    device_event: trio.Event = field(default_factory=trio.Event)
+    done: trio.Event = field(default_factory=trio.Event)
+
+    @property
+    def name(self) -> str:
+        return self.cfg.name
+
+    @property
+    def ifname(self) -> str:
+        return self.cfg.ifname
+
+    @property
+    def present(self) -> bool:
+        return self.ifindex is not None and self.link_up
+
+    @property
+    def state(self) -> State:
+        return display_state(self.health.health, self.drained or self.removing)
+
+    def in_service(self, decision_members: tuple[str, ...]) -> bool:
+        return self.name in decision_members
+
+
+def _get(obj, path):
+    for p in path:
+        obj = getattr(obj, p)
+    return obj
+
+
+class Supervisor:
+    """Runs hatun for one config until stopped. See the module docstring for the task tree."""
+
+    def __init__(self, config: Config, secrets: Secrets, config_path: str | None = None) -> None:
+        self.config = config
+        self.secrets = secrets
+        self.config_path = config_path
+        self.layout = Layout.from_routing(config.routing)
+        self.tunnels: dict[str, TunnelRuntime] = {}
+        self.backend = None
+        self.backend_name: str | None = None
+        self.mode: str | None = None  # "resilient" | "multipath"
+        self.rtnl: Rtnl | None = None
+        self.reconciler: Reconciler | None = None
+        self.pinning: Pinning | None = None
+        self.decision = None
+        self.previous_members: tuple[Member, ...] = ()
+        self.ready = trio.Event()
+        self.started_at = time.time()
+        self.stop_requested = trio.Event()
+        self.cleanup_on_stop = not config.keep_on_exit
+        self.reloads = Counter()
+        self.last_reload_ok = True
+        self.last_reload_message: str | None = None
+        self.repairs = Counter()
+        self.events_listeners: list = []  # callables(Transition) for metrics
+        self._poke = trio.Event()
+        self._nursery: trio.Nursery | None = None
+        self._tunnel_nursery: trio.Nursery | None = None
+        self._last_wanted = None
+        self._links_by_index: dict[int, str] = {}
+        self._lo_index = 1
+        self._sysctl_saved: dict[str, str] = {}
+        self._marks_applied: dict[str, int] | None = None
+        self.last_sync_error: str | None = None
+
+    # ------------------------------------------------------------ lifecycle
+
+    async def run(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
+        """Bring everything up and keep it up until `stop()`; then clean up (unless keep_on_exit)."""
+        from hatun.wireguard import select_backend
+
+        cfg = self.config
+        os.makedirs(cfg.run_dir, mode=0o700, exist_ok=True)
+        async with AsyncExitStack() as stack:
+            # Events first, then the initial dump: nothing falls between the two.
+            events = await stack.enter_async_context(open_rtnl_events())
+            self.rtnl = await stack.enter_async_context(open_rtnl())
+            self.backend_name = await select_backend(cfg.backend)
+            self.backend = await stack.enter_async_context(self._open_backend())
+            links = await self.rtnl.links()
+            self._lo_index = next((l.index for l in links if l.name == "lo"), 1)
+            self.reconciler = Reconciler(self.rtnl, self.layout, self._lo_index)
+            self.pinning = Pinning(cfg.routing.nft_table, cfg.routing.fwmark_mask) if cfg.routing.pin_flows else None
+            self.mode = await self._choose_mode()
+            await self._adopt(links)
+            self._setup_sysctls()
+            async with trio.open_nursery() as nursery:
+                self._nursery = nursery
+                nursery.start_soon(self._serve_events, events)
+                await nursery.start(self._serve_reconciler)
+                nursery.start_soon(self._serve_stats)
+                nursery.start_soon(self._serve_ready)
+                self._tunnel_nursery = nursery
+                for rt in self.tunnels.values():
+                    self._start_tunnel(rt)
+                task_status.started(self)
+                await self.stop_requested.wait()
+                log.info("stopping%s", "" if self.cleanup_on_stop else " (keep_on_exit: tunnels and routes stay)")
+                for rt in self.tunnels.values():
+                    if rt.scope is not None:
+                        rt.scope.cancel()
+                nursery.cancel_scope.cancel()
+            if self.cleanup_on_stop:
+                with trio.CancelScope(shield=True), trio.move_on_after(TEARDOWN_GRACE) as grace:
+                    await self._teardown()
+                if grace.cancelled_caught:
+                    log.error("clean-up did not finish within %.0f s; run `hatun down` to finish it", TEARDOWN_GRACE)
+
+    def stop(self, cleanup: bool | None = None) -> None:
+        """Ask `run` to stop; CLEANUP overrides keep_on_exit (True: remove everything)."""
+        if cleanup is not None:
+            self.cleanup_on_stop = cleanup
+        self.stop_requested.set()
+
+    def _open_backend(self):
+        if self.backend_name == "kernel":
+            from hatun.wireguard.kernel import open_kernel_backend
+
+            return open_kernel_backend(rtnl=self.rtnl)
+        from hatun.wireguard.userspace import open_userspace_backend
+
+        return open_userspace_backend(run_dir=self.config.run_dir, rtnl=self.rtnl, on_recreated=self._on_recreated)
+
+    async def _choose_mode(self) -> str:
+        mode = self.config.routing.mode
+        if mode != "auto":
+            return mode
+        # Resilient groups need kernel 5.13+; probe with a blackhole nexthop and a one-member group.
+        probe_nh, probe_group = self.layout.nexthop_id + GROUP_ID_PROBE, self.layout.nexthop_id + GROUP_ID_PROBE + 1
+        try:
+            await self.rtnl.replace_nexthop(Nexthop(probe_nh, socket.AF_INET, blackhole=True, protocol=self.layout.protocol))
+            await self.rtnl.replace_nexthop(Nexthop(probe_group, 0, group=((probe_nh, 1),), protocol=self.layout.protocol,
+                                                    resilient=Resilient(buckets=8, idle_timer=1, unbalanced_timer=0)))
+            return "resilient"
+        except (NetlinkError, NetlinkTimeout) as e:
+            log.info("no resilient nexthop groups on this kernel (%s): using a classic multipath route", e)
+            return "multipath"
+        finally:
+            for nh in (probe_group, probe_nh):
+                try:
+                    await self.rtnl.delete_nexthop(nh)
+                except (NetlinkError, NetlinkTimeout):
+                    pass
+
+    async def _adopt(self, links: list[Link]) -> None:
+        """Take over what a previous hatun left (after a crash or keep_on_exit): slots from the
+        nftables map, the current route members (kept until they have a first verdict)."""
+        by_name = {l.name: l for l in links}
+        self._links_by_index = {l.index: l.name for l in links}
+        taken: dict[str, int] = {}
+        if self.pinning is not None:
+            current = await self.pinning.read()
+            if current is not None:
+                by_ifname = {t.ifname: t.name for t in self.config.tunnels}
+                taken = {by_ifname[i]: m >> self.layout.shift for i, m in current[0].items() if i in by_ifname}
+        actual = await self.reconciler.read()
+        for nh in actual.nexthops.values():
+            slot = self.layout.slot_of_nexthop(nh.id)
+            name = self._links_by_index.get(nh.oif or -1)
+            tunnel = next((t for t in self.config.tunnels if t.ifname == name), None)
+            if slot and tunnel is not None and tunnel.name not in taken:
+                taken[tunnel.name] = slot[0]
+        slots = allocate_slots([t.name for t in self.config.tunnels], taken, self.layout.max_slot)
+        members = adopted_members(actual, self.layout, self._links_by_index, set(self.config.routing.prefixes))
+        now = trio.current_time()
+        for t in self.config.tunnels:
+            rt = self._new_runtime(t, slots[t.name], now)
+            link = by_name.get(t.ifname)
+            if link is not None:
+                rt.ifindex, rt.link_up = link.index, link.up and link.carrier
+            rt.presumed_up = t.ifname in members
+            self.tunnels[t.name] = rt
+        self.reconciler.owned_addresses |= {a for a in await self.rtnl.addresses(self._lo_index)
+                                            if a.interface.ip in self.config.routing.source}
+        if members or actual.routes:
+            log.info("adopting the kernel state of a previous run: %d routes, %d nexthops; in the route: %s",
+                     len(actual.routes), len(actual.nexthops), ", ".join(sorted(members)) or "none")
+        self.previous_members = tuple(
+            Member(rt.name, rt.ifname, rt.slot, rt.cfg.weight) for rt in self.tunnels.values() if rt.presumed_up
+        )
+
+    def _new_runtime(self, t: Tunnel, slot: int, now: float) -> TunnelRuntime:
+        h = self.config.health_for(t)
+        return TunnelRuntime(
+            cfg=t, key=self.secrets.keys[t.name], slot=slot, health=TunnelHealth(t.name, h.rise, h.fall, now),
+            interval=h.interval, timeout=h.timeout, jitter=h.jitter, handshake_timeout=h.handshake_timeout,
+            started_at=now,
+        )
+
+    # ------------------------------------------------------------ host settings
+
+    def _setup_sysctls(self) -> None:
+        r = self.config.routing
+        wanted = []
+        if r.hash_policy != "keep":
+            value = "1" if r.hash_policy == "l4" else "0"
+            wanted += [(value, "net", "ipv4", "fib_multipath_hash_policy"), (value, "net", "ipv6", "fib_multipath_hash_policy")]
+        if r.pin_flows:
+            # Reverse-path checks must see the mark that pins a flow to its tunnel.
+            wanted.append(("1", "net", "ipv4", "conf", "all", "src_valid_mark"))
+        saved = self._load_state().get("sysctls", {})
+        for value, *parts in wanted:
+            key = ".".join(parts)
+            try:
+                before = sysctl.read(*parts)
+                if before is None:
+                    continue
+                if sysctl.write(value, *parts):
+                    saved.setdefault(key, before)
+                    log.info("set %s = %s (was %s)", key, value, before)
+            except sysctl.SysctlError as e:
+                log.warning("%s", e)
+        self._sysctl_saved = saved
+        self._save_state()
+
+    def _tunnel_sysctls(self, rt: TunnelRuntime) -> None:
+        # Replies of probes and pinned flows arrive on a tunnel the main table may not point at.
+        try:
+            sysctl.write("2", "net", "ipv4", "conf", rt.ifname, "rp_filter")
+        except sysctl.SysctlError as e:
+            log.debug("%s", e)
+
+    def _restore_sysctls(self) -> None:
+        for key, value in self._sysctl_saved.items():
+            try:
+                sysctl.write(value, *key.split("."))
+            except sysctl.SysctlError as e:
+                log.warning("%s", e)
+        self._sysctl_saved = {}
+
+    @property
+    def _state_path(self) -> str:
+        return os.path.join(self.config.run_dir, "state.json")
+
+    def _load_state(self) -> dict:
+        try:
+            with open(self._state_path) as f:
+                return json.load(f)
+        except (OSError, ValueError):
+            return {}
+
+    def _save_state(self) -> None:
+        state = {"pid": os.getpid(), "config": os.path.abspath(self.config_path) if self.config_path else None,
+                 "socket": self.config.control.socket, "sysctls": self._sysctl_saved}
+        tmp = self._state_path + ".tmp"
+        with open(tmp, "w") as f:
+            json.dump(state, f)
+        os.replace(tmp, self._state_path)
+
+    # ------------------------------------------------------------ tunnels
+
+    def _start_tunnel(self, rt: TunnelRuntime) -> None:
+        assert self._tunnel_nursery is not None
+        self._tunnel_nursery.start_soon(self._serve_tunnel_supervised, rt, name=f"tunnel {rt.name}")
+
+    async def _serve_tunnel_supervised(self, rt: TunnelRuntime) -> None:
+        """Run one tunnel's tasks; a failure restarts this tunnel alone, with backoff."""
+        backoff = 0.5
+        try:
+            with trio.CancelScope() as scope:
+                rt.scope = scope
+                while True:
+                    started = trio.current_time()
+                    try:
+                        await self._serve_tunnel(rt)
+                    except Exception as e:  # noqa: BLE001 - isolate one tunnel's failures
+                        rt.last_error = f"{type(e).__name__}: {e}"
+                        rt.restarts += 1
+                        if trio.current_time() - started > 30:
+                            backoff = 0.5
+                        log.error("%s: %s; restarting this tunnel in %.1f s", rt.name, rt.last_error, backoff,
+                                  exc_info=log.isEnabledFor(logging.DEBUG))
+                        await trio.sleep(backoff)
+                        backoff = min(backoff * 2, 30.0)
+        finally:
+            rt.done.set()
+
+    def device_settings(self, rt: TunnelRuntime) -> DeviceSettings:
+        """What the WireGuard device of RT should look like."""
+        t = rt.cfg
+        allowed = set(self.config.routing.prefixes) | set(t.allowed_ips) | {a.network for a in t.address}
+        probe = t.probe_target
+        allowed.add(ipaddress.ip_network(f"{probe.host}/{probe.host.max_prefixlen}"))
+        allowed = {n for n in allowed if not any(o != n and o.version == n.version and n.subnet_of(o) for o in allowed)}
+        peer = PeerSettings(t.peer_key, rt.endpoint, t.keepalive or 0,
+                            tuple(sorted(allowed, key=lambda n: (n.version, n.network_address, n.prefixlen))))
+        return DeviceSettings(t.ifname, rt.key, peer, fwmark=self.layout.bypass_mark, listen_port=t.listen_port,
+                              addresses=tuple(t.address), mtu=t.mtu)
+
+    async def _serve_tunnel(self, rt: TunnelRuntime) -> None:
+        await self._resolve(rt)
+        changes = await self.backend.apply(self.device_settings(rt))
+        if changes:
+            log.info("%s: device %s %s", rt.name, rt.ifname, "created" if changes.created else
+                     "updated: " + ", ".join(sorted(changes.changed)))
+        await self._refresh_link(rt)
+        self._tunnel_sysctls(rt)
+        self.poke()
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(self._serve_probes, rt)
+            nursery.start_soon(self._serve_device, rt)
+            if rt.cfg.endpoint.is_dns:
+                nursery.start_soon(self._serve_resolver, rt)
+
+    async def _refresh_link(self, rt: TunnelRuntime) -> None:
+        link = await self.rtnl.link(rt.ifname)
+        self._set_link(rt, link)
+
+    def _set_link(self, rt: TunnelRuntime, link: Link | None) -> None:
+        old = (rt.ifindex, rt.link_up)
+        if link is None:
+            rt.ifindex, rt.link_up = None, False
+        else:
+            rt.ifindex, rt.link_up = link.index, link.up and link.carrier
+            self._links_by_index[link.index] = link.name
+        if (rt.ifindex, rt.link_up) != old:
+            if old[0] is not None and rt.ifindex != old[0] and rt.probe_scope is not None:
+                rt.probe_scope.cancel()  # probe sockets are bound to the old device
+            rt.device_event.set()
+            rt.device_event = trio.Event()
+            self.poke()
+
+    async def _serve_device(self, rt: TunnelRuntime) -> None:
+        """Keep the device there: when it vanishes (deleted, its wireguard-go died) make it again."""
+        while True:
+            await rt.device_event.wait()
+            if rt.ifindex is None and self.backend_name == "kernel":
+                await trio.sleep(0.05)
+                log.warning("%s: device %s vanished; re-creating it", rt.name, rt.ifname)
+                self.repairs["link"] += 1
+                await self.backend.apply(self.device_settings(rt))
+                await self._refresh_link(rt)
+                self._tunnel_sysctls(rt)
+            elif rt.ifindex is not None and not rt.link_up:
+                # Someone set it down: bring it back (apply restores the link state too).
+                await trio.sleep(0.05)
+                await self.backend.apply(self.device_settings(rt))
+                await self._refresh_link(rt)
+
+    def _on_recreated(self, ifname: str) -> None:
+        """The userspace backend replaced a dead wireguard-go: a new device, new ifindex."""
+        for rt in self.tunnels.values():
+            if rt.ifname == ifname:
+                self.repairs["link"] += 1
+                log.warning("%s: wireguard-go for %s was restarted and reconfigured", rt.name, ifname)
+                self._tunnel_sysctls(rt)
+                if self._nursery is not None:
+                    self._nursery.start_soon(self._refresh_link, rt)
+
+    async def _serve_probes(self, rt: TunnelRuntime) -> None:
+        """Probe through the tunnel forever; restarted when the device is re-created."""
+        probe = rt.cfg.probe_target
+        while True:
+            while not rt.present:
+                await rt.device_event.wait()
+            with trio.CancelScope() as scope:
+                rt.probe_scope = scope
+                transport = make_transport(probe.kind, rt.ifname, probe.host, probe.port, rt.timeout)
+                try:
+                    await run_probes(transport, interval=rt.interval, timeout=rt.timeout, jitter=rt.jitter,
+                                     on_result=lambda ok, rtt, reason: self._on_probe(rt, ok, rtt, reason),
+                                     rtt_hint=lambda: rt.health.rtt_avg)
+                except OSError as e:
+                    self._on_probe(rt, False, None, f"cannot probe: {e.strerror or e}")
+                    await trio.sleep(rt.interval)
+            rt.probe_scope = None
+
+    def _on_probe(self, rt: TunnelRuntime, ok: bool, rtt: float | None, reason: str | None) -> None:
+        for listener in self.events_listeners:
+            listener("probe", rt, ok, rtt)
+        transition = rt.health.record(ok, trio.current_time(), rtt=rtt, reason=reason)
+        if transition is not None:
+            self._on_transition(rt, transition)
+
+    def _on_transition(self, rt: TunnelRuntime, tr: Transition) -> None:
+        rt.presumed_up = False
+        state = display_state(tr.new, rt.drained or rt.removing)
+        rt.transitions[str(state)] += 1
+        level = logging.WARNING if tr.new is State.DOWN else logging.INFO
+        log.log(level, "%s %s: %s", rt.name, state, tr.reason, extra={"tunnel": rt.name, "state": str(state)})
+        for listener in self.events_listeners:
+            listener("transition", rt, state, tr)
+        self.poke()
+
+    async def _resolve(self, rt: TunnelRuntime) -> bool:
+        """Resolve the endpoint (DNS names); True when the address changed."""
+        ep = rt.cfg.endpoint
+        if not ep.is_dns:
+            new = (ep.host, ep.port)
+        else:
+            try:
+                with trio.fail_after(5):
+                    infos = await trio.socket.getaddrinfo(ep.host, ep.port, type=socket.SOCK_DGRAM)
+                new = (infos[0][4][0], ep.port)
+                rt.endpoint_error = None
+            except (OSError, trio.TooSlowError) as e:
+                rt.endpoint_error = f"cannot resolve {ep.host}: {getattr(e, 'strerror', None) or 'timeout'}"
+                log.warning("%s: %s", rt.name, rt.endpoint_error)
+                return False
+        changed = new != rt.endpoint
+        if changed and rt.endpoint is not None:
+            log.info("%s: endpoint %s now resolves to %s", rt.name, ep.host, new[0])
+        rt.endpoint = new
+        return changed
+
+    async def _serve_resolver(self, rt: TunnelRuntime) -> None:
+        """Re-resolve a DNS endpoint periodically, and often while handshakes fail (dynamic DNS)."""
+        while True:
+            stale = rt.endpoint is None or self._handshake_age(rt) is None or self._handshake_age(rt) > 135
+            await trio.sleep(30 if stale else self.config.resolve_interval)
+            if await self._resolve(rt):
+                await self.backend.apply(self.device_settings(rt))
+
+    def _handshake_age(self, rt: TunnelRuntime) -> float | None:
+        if rt.status is None or rt.status.peer is None or rt.status.peer.last_handshake is None:
+            return None
+        return max(0.0, time.time() - rt.status.peer.last_handshake)
+
+    # ------------------------------------------------------------ observing
+
+    async def read_status(self, rt: TunnelRuntime) -> DeviceStatus | None:
+        """Fresh counters of RT's device; updates its rates. Never raises for a missing device."""
+        try:
+            status = await self.backend.get(rt.ifname)
+        except WireGuardError as e:
+            log.debug("%s: %s", rt.name, e)
+            status = None
+        now = trio.current_time()
+        if status is not None and status.peer is not None and rt.status is not None and rt.status.peer is not None:
+            dt = now - rt.status_at
+            if dt >= 0.5:
+                rt.rx_rate = max(0.0, (status.peer.rx_bytes - rt.status.peer.rx_bytes) / dt)
+                rt.tx_rate = max(0.0, (status.peer.tx_bytes - rt.status.peer.tx_bytes) / dt)
+        if status is None or rt.status is None or now - rt.status_at >= 0.5:
+            rt.status, rt.status_at = status, now
+        return status
+
+    async def _serve_stats(self) -> None:
+        """Counters and handshakes every few seconds; a stale handshake counts as a failed probe."""
+        while True:
+            await trio.sleep(STATS_INTERVAL)
+            for rt in list(self.tunnels.values()):
+                await self.read_status(rt)
+                if not rt.present:
+                    continue
+                age = self._handshake_age(rt)
+                alive_for = trio.current_time() - rt.started_at
+                if age is None and alive_for > rt.handshake_timeout:
+                    self._on_probe(rt, False, None, f"no handshake in {alive_for:.0f} s")
+                elif age is not None and age > rt.handshake_timeout:
+                    self._on_probe(rt, False, None, f"handshake stale ({age:.0f} s old)")
+
+    async def _serve_ready(self) -> None:
+        """Readiness: every tunnel has a first verdict (or a bounded wait has passed)."""
+        with trio.move_on_after(max(30.0, max((rt.interval * (rt.health.rise + rt.health.fall) + rt.timeout)
+                                               for rt in self.tunnels.values()) * 3)):
+            while any(rt.health.health is State.INIT for rt in self.tunnels.values()):
+                await trio.sleep(0.05)
+        self.ready.set()
+        from hatun.notify import sd_notify
+
+        up = sum(rt.health.health is State.UP for rt in self.tunnels.values())
+        sd_notify(f"READY=1\nSTATUS={up}/{len(self.tunnels)} tunnels in service")
+        log.info("ready: %d of %d tunnels in service", up, len(self.tunnels))
+
+    async def _serve_events(self, events) -> None:
+        """Netlink notifications: our devices coming and going; drift of our objects."""
+        proto = self.layout.protocol
+        while True:
+            try:
+                async for ev in events:
+                    obj = ev.obj
+                    if isinstance(obj, Link):
+                        self._on_link_event(ev.action, obj)
+                    elif isinstance(obj, (Route, Rule)) and obj.protocol == proto:
+                        self._maybe_drift(ev, obj)
+                    elif isinstance(obj, Nexthop) and self.reconciler._our_nexthop(obj.id):
+                        self._maybe_drift(ev, obj)
+            except EventsOverflow:
+                log.info("netlink events overflowed: re-reading the state")
+                for link in await self.rtnl.links():
+                    self._on_link_event("new", link)
+                for rt in self.tunnels.values():
+                    await self._refresh_link(rt)
+                self.poke()
+
+    def _on_link_event(self, action: str, link: Link) -> None:
+        for rt in self.tunnels.values():
+            if rt.ifname == link.name or (action == "del" and rt.ifindex == link.index):
+                self._set_link(rt, None if action == "del" else link)
+
+    def _maybe_drift(self, ev, obj) -> None:
+        self.poke()
+
+    # ------------------------------------------------------------ steering
+
+    def poke(self) -> None:
+        """Something changed: the reconciler should look again (soon, coalesced)."""
+        self._poke.set()
+
+    def views(self) -> list[TunnelView]:
+        return [
+            TunnelView(rt.name, rt.ifname, rt.slot, rt.cfg.weight, rt.cfg.priority, rt.health.health,
+                       drained=rt.drained or rt.removing, present=rt.present, presumed_up=rt.presumed_up)
+            for rt in self.tunnels.values()
+        ]
+
+    def _wanted(self):
+        r = self.config.routing
+        decision = decide(self.views(), r.when_all_down, self.previous_members)
+        if decision.members and not decision.all_down:
+            self.previous_members = decision.members
+        self.decision = decision
+        tunnels = [
+            RenderTunnel(rt.name, rt.slot, rt.ifindex if rt.present else None,
+                         tuple(a.network for a in rt.cfg.address),
+                         {a.version: default_peer_address(a) for a in rt.cfg.address})
+            for rt in self.tunnels.values()
+        ]
+        return render(decision, tunnels, prefixes=r.prefixes, sources=r.source, layout=self.layout, mode=self.mode,
+                      resilient=Resilient(r.buckets, r.idle_timer, r.unbalanced_timer), pin_flows=r.pin_flows,
+                      lo_index=self._lo_index)
+
+    async def _serve_reconciler(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
+        """Make the kernel match the wanted state on every poke, and every few seconds anyway."""
+        first = True
+        while True:
+            if not first:
+                with trio.move_on_after(FULL_SYNC_INTERVAL):
+                    await self._poke.wait()
+                await trio.sleep(DEBOUNCE)
+            self._poke = trio.Event()
+            await self.sync_once()
+            if first:
+                task_status.started()
+                first = False
+
+    async def sync_once(self) -> None:
+        wanted = self._wanted()
+        try:
+            res = await self.reconciler.sync(wanted)
+            await self._sync_pinning()
+        except (NetlinkError, NetlinkTimeout, PinningError) as e:
+            self.last_sync_error = str(e)
+            log.error("cannot update routes: %s", e)
+            self._retry_soon()
+            return
+        if res.changes and wanted == self._last_wanted:
+            # Nothing we wanted changed, yet the kernel needed changes: someone else touched it.
+            for kind, what in res.changes:
+                self.repairs[kind] += 1
+                log.warning("repaired drift: %s", what)
+        elif res.changes:
+            members = ", ".join(self.decision.member_names()) or "none (unreachable)"
+            log.info("route updated: %s (%d changes)", f"tunnels in service: {members}", len(res.changes))
+        self.last_sync_error = "; ".join(res.errors) or None
+        if res.errors:
+            self._retry_soon()
+        else:
+            self._last_wanted = wanted
+
+    async def _sync_pinning(self) -> None:
+        if self.pinning is None:
+            return
+        marks = {rt.ifname: self.layout.mark(rt.slot) for rt in self.tunnels.values()}
+        if marks != self._marks_applied or self._poke_full():
+            await self.pinning.apply(marks)
+            self._marks_applied = marks
+
+    def _poke_full(self) -> bool:
+        # The nftables table is checked on the periodic full sync too (drift), not on every poke.
+        now = trio.current_time()
+        if now - getattr(self, "_last_nft_check", 0.0) >= FULL_SYNC_INTERVAL:
+            self._last_nft_check = now
+            return True
+        return False
+
+    def _retry_soon(self) -> None:
+        async def later():
+            await trio.sleep(RETRY_SYNC_AFTER)
+            self.poke()
+
+        if self._nursery is not None:
+            self._nursery.start_soon(later)
+
+    # ------------------------------------------------------------ teardown
+
+    async def _teardown(self) -> None:
+        """Remove routes, rules, nexthops, the nftables table, the devices; restore sysctls."""
+        try:
+            res = await self.reconciler.remove_all()
+            for err in res.errors:
+                log.warning("clean-up: %s", err)
+        except (NetlinkError, NetlinkTimeout) as e:
+            log.error("clean-up of routes: %s", e)
+        if self.pinning is not None:
+            try:
+                await self.pinning.remove()
+            except PinningError as e:
+                log.error("clean-up of nftables: %s", e)
+        for rt in self.tunnels.values():
+            try:
+                await self.backend.delete(rt.ifname)
+            except WireGuardError as e:
+                log.error("clean-up of %s: %s", rt.ifname, e)
+        self._restore_sysctls()
+        try:
+            os.unlink(self._state_path)
+        except OSError:
+            pass
+        log.info("removed hatun's routes, rules, nexthops and %d tunnel devices", len(self.tunnels))
+
+    # ------------------------------------------------------------ drain and reload
+
+    def drain(self, name: str, drained: bool = True) -> TunnelRuntime:
+        """Take tunnel NAME out of the route for new flows (its flows stay) or put it back. Raises KeyError."""
+        rt = self.tunnels[name]
+        if rt.drained != drained:
+            rt.drained = drained
+            state = rt.state
+            rt.transitions[str(state)] += 1
+            log.info("%s %s: %s", name, state, "drained by operator" if drained else "drain ended by operator")
+            for listener in self.events_listeners:
+                listener("transition", rt, state, None)
+            self.poke()
+        return rt
+
+    async def reload(self) -> tuple[bool, str]:
+        """Re-read the config file; apply only what changed. An invalid file changes nothing.
+
+        Returns (ok, message).
+        """
+        if self.config_path is None:
+            return False, "no config file to reload"
+        try:
+            new, secrets = load_config(self.config_path)
+        except ConfigUnreadable as e:
+            return self._reload_done(False, f"reload refused, still running the previous config: {e}")
+        except ConfigError as e:
+            problems = "; ".join(str(p) for p in e.problems[:5]) + (f" (+{len(e.problems) - 5} more)" if len(e.problems) > 5 else "")
+            return self._reload_done(False, f"reload refused, still running the previous config: {problems}")
+        for path in RESTART_ONLY:
+            if _get(new, path) != _get(self.config, path):
+                return self._reload_done(False, f"reload refused: {'.'.join(path)} cannot change while hatun runs;"
+                                                " restart hatun to apply it")
+        old = self.config
+        self.config, self.secrets = new, secrets
+        self.cleanup_on_stop = not new.keep_on_exit
+        old_names = {t.name for t in old.tunnels}
+        new_by_name = {t.name: t for t in new.tunnels}
+        removed = [n for n in old_names if n not in new_by_name or new_by_name[n].ifname != self.tunnels[n].ifname]
+        added = [t for t in new.tunnels if t.name not in self.tunnels or t.name in removed]
+        summary = []
+        slots = allocate_slots([t.name for t in new.tunnels],
+                               {n: rt.slot for n, rt in self.tunnels.items() if n not in removed}, self.layout.max_slot)
+        now = trio.current_time()
+        replacements = {t.name: self._new_runtime(t, slots[t.name], now) for t in added if t.name in removed}
+        for name in removed:
+            summary.append(f"-{name}")
+            self._nursery.start_soon(self._remove_tunnel, self.tunnels[name], replacements.get(name))
+        for t in new.tunnels:
+            rt = self.tunnels.get(t.name)
+            if rt is None or t.name in removed:
+                continue
+            if t != rt.cfg or self.secrets.keys[t.name] != rt.key or self.config.health_for(t) != old.health_for(rt.cfg):
+                summary.append(f"~{t.name}")
+                await self._update_tunnel(rt, t)
+        for t in added:
+            summary.append(f"+{t.name}")
+            if t.name not in removed:  # a renamed interface starts once the old one is gone
+                rt = self.tunnels[t.name] = self._new_runtime(t, slots[t.name], now)
+                self._start_tunnel(rt)
+        self.poke()
+        return self._reload_done(True, "reloaded" + (f": {' '.join(summary)}" if summary else ": nothing changed"))
+
+    def _reload_done(self, ok: bool, message: str) -> tuple[bool, str]:
+        self.reloads["success" if ok else "failure"] += 1
+        self.last_reload_ok = ok
+        self.last_reload_message = message
+        (log.info if ok else log.error)("%s", message)
+        return ok, message
+
+    async def _update_tunnel(self, rt: TunnelRuntime, t: Tunnel) -> None:
+        old = rt.cfg
+        h = self.config.health_for(t)
+        probe_changed = (t.probe_target != old.probe_target or h.interval != rt.interval or h.timeout != rt.timeout
+                         or h.jitter != rt.jitter)
+        rt.cfg, rt.key = t, self.secrets.keys[t.name]
+        rt.health.configure(h.rise, h.fall)
+        rt.interval, rt.timeout, rt.jitter, rt.handshake_timeout = h.interval, h.timeout, h.jitter, h.handshake_timeout
+        if t.endpoint != old.endpoint:
+            await self._resolve(rt)
+        changes = await self.backend.apply(self.device_settings(rt))
+        if changes:
+            log.info("%s: device updated: %s", rt.name, ", ".join(sorted(changes.changed)) or "created")
+        if probe_changed and rt.probe_scope is not None:
+            rt.probe_scope.cancel()
+
+    async def _remove_tunnel(self, rt: TunnelRuntime, replacement: TunnelRuntime | None = None) -> None:
+        """Drain a removed tunnel (no new flows, existing flows keep it) then tear it down; then start
+        REPLACEMENT (the same tunnel name on a new interface), if any."""
+        rt.removing = True
+        self.poke()
+        log.info("%s: removed from the config: draining for up to %s", rt.name, self.config.routing.drain_timeout)
+        await self._wait_idle(rt, self.config.routing.drain_timeout)
+        if rt.scope is not None:
+            rt.scope.cancel()
+        await rt.done.wait()
+        rt.health.health = State.DOWN
+        self.poke()
+        try:
+            await self.backend.delete(rt.ifname)
+        except WireGuardError as e:
+            log.error("%s: %s", rt.name, e)
+        if self.tunnels.get(rt.name) is rt:
+            del self.tunnels[rt.name]
+        if replacement is not None:
+            self.tunnels[replacement.name] = replacement
+            self._start_tunnel(replacement)
+        self.poke()
+        log.info("%s: torn down", rt.name)
+
+    async def _wait_idle(self, rt: TunnelRuntime, limit: float) -> None:
+        """Wait until the tunnel carries nothing but probes (no growth beyond them for 2 s), at most LIMIT."""
+        with trio.move_on_after(limit):
+            quiet_since = trio.current_time()
+            last = None
+            while trio.current_time() - quiet_since < 2.0:
+                status = await self.read_status(rt)
+                tx = status.peer.tx_bytes if status and status.peer else 0
+                # Probes are ~ 100 bytes per interval; more than that is user traffic.
+                if last is not None and tx - last > 400 * max(1.0, 0.25 / rt.interval):
+                    quiet_since = trio.current_time()
+                last = tx
+                await trio.sleep(0.25)
+
+    # ------------------------------------------------------------ views for status and metrics
+
+    def snapshot(self) -> dict:
+        """The state of every tunnel, for `hatun status` and metrics (JSON-ready, no secrets)."""
+        members = self.decision.member_names() if self.decision else ()
+        pinned = self.decision.pinned if self.decision else ()
+        now = trio.current_time()
+        wall = time.time()
+        out = []
+        for rt in self.tunnels.values():
+            peer = rt.status.peer if rt.status else None
+            age = self._handshake_age(rt)
+            out.append({
+                "name": rt.name, "interface": rt.ifname, "state": str(rt.state), "health": str(rt.health.health),
+                "drained": rt.drained, "removing": rt.removing,
+                "since": wall - (now - rt.health.since), "for_seconds": now - rt.health.since,
+                "rtt_seconds": rt.health.rtt_avg, "rtt_last_seconds": rt.health.rtt_last, "loss": rt.health.loss,
+                "weight": rt.cfg.weight if rt.name in members else 0, "configured_weight": rt.cfg.weight,
+                "priority": rt.cfg.priority, "in_route": rt.name in members, "pinned": rt.name in pinned,
+                "rx_bytes": peer.rx_bytes if peer else None, "tx_bytes": peer.tx_bytes if peer else None,
+                "rx_rate": rt.rx_rate, "tx_rate": rt.tx_rate,
+                "last_handshake": peer.last_handshake if peer else None, "handshake_age_seconds": age,
+                "endpoint": f"{rt.endpoint[0]}:{rt.endpoint[1]}" if rt.endpoint else None,
+                "endpoint_configured": str(rt.cfg.endpoint), "endpoint_error": rt.endpoint_error,
+                "probe": str(rt.cfg.probe_target), "last_failure": rt.health.last_failure,
+                "probes_ok": rt.health.probes_ok, "probes_failed": rt.health.probes_failed,
+                "present": rt.present, "last_error": rt.last_error, "restarts": rt.restarts,
+                "transitions": dict(rt.transitions),
+            })
+        decision = self.decision
+        return {
+            "version": __version__, "pid": os.getpid(), "config": self.config_path, "backend": self.backend_name,
+            "mode": self.mode, "started": self.started_at, "ready": self.ready.is_set(),
+            "route": {
+                "prefixes": [str(p) for p in self.config.routing.prefixes],
+                "members": list(members), "tier": decision.tier if decision else None,
+                "unreachable": bool(decision and decision.unreachable),
+                "all_down": bool(decision and decision.all_down), "last_error": self.last_sync_error,
+            },
+            "reload": {"ok": self.last_reload_ok, "message": self.last_reload_message, "counts": dict(self.reloads)},
+            "tunnels": out,
+        }
+
+
+GROUP_ID_PROBE = 1002  # nexthop ids base+1002/1003: a short-lived probe for resilient group support
+
+
+async def cleanup(config: Config) -> list[str]:
+    """Remove what a hatun with CONFIG left in the kernel (after a crash, or keep_on_exit), whether
+    or not it runs: routes, rules, nexthops, nftables table, source addresses, tunnel devices (their
+    wireguard-go processes exit with them). Returns what was removed."""
+    from hatun.steering import Wanted
+
+    removed: list[str] = []
+    layout = Layout.from_routing(config.routing)
+    async with open_rtnl() as rtnl:
+        links = await rtnl.links()
+        lo = next((l.index for l in links if l.name == "lo"), 1)
+        rec = Reconciler(rtnl, layout, lo)
+        rec.owned_addresses = {a for a in await rtnl.addresses(lo) if a.interface.ip in config.routing.source}
+        res = await rec.sync(Wanted())
+        removed += [what for _, what in res.changes]
+        pin = Pinning(config.routing.nft_table, config.routing.fwmark_mask)
+        if Pinning.available():
+            try:
+                if await pin.remove():
+                    removed.append(f"nftables table inet {config.routing.nft_table}")
+            except PinningError as e:
+                log.warning("%s", e)
+        names = {l.name for l in links}
+        for t in config.tunnels:
+            if t.ifname in names:
+                await rtnl.delete_link(t.ifname)
+                removed.append(f"device {t.ifname}")
+    # A wireguard-go left by a crash exits once its device is gone; its stale socket may remain.
+    for t in config.tunnels:
+        sock = f"/run/wireguard/{t.ifname}.sock"
+        try:
+            s = socket.socket(socket.AF_UNIX)
+            s.connect(sock)
+            s.close()
+        except ConnectionRefusedError:
+            os.unlink(sock)
+        except OSError:
+            pass
+    state = os.path.join(config.run_dir, "state.json")
+    try:
+        with open(state) as f:
+            saved = json.load(f).get("sysctls", {})
+        for key, value in saved.items():
+            try:
+                sysctl.write(value, *key.split("."))
+            except sysctl.SysctlError:
+                pass
+        os.unlink(state)
+    except (OSError, ValueError):
+        pass
+    return removed
+

@@ -180,11 +180,27 @@ def cmd_run(args: argparse.Namespace) -> int:
         raise CliError("hatun run needs root (CAP_NET_ADMIN and CAP_NET_RAW): it creates tunnels and routes")
     try:
         trio.run(daemon.run, config, secrets, os.path.abspath(args.config))
-    except (BackendUnavailable, SupervisorError, ControlError) as e:
-        raise CliError(str(e), EXIT_INVALID) from None
-    except WireGuardError as e:
-        raise CliError(f"WireGuard: {e}", EXIT_INVALID) from None
+    except BaseException as e:  # noqa: BLE001 - errors come wrapped in Trio's exception groups
+        known = _leaf(e, (BackendUnavailable, SupervisorError, ControlError, WireGuardError))
+        if known is not None:
+            prefix = "WireGuard: " if isinstance(known, WireGuardError) and not isinstance(known, BackendUnavailable) else ""
+            raise CliError(prefix + str(known), EXIT_INVALID) from None
+        if _leaf(e, (KeyboardInterrupt,)) is not None:
+            return 130
+        raise
     return EXIT_OK
+
+
+def _leaf(error: BaseException, types: tuple) -> BaseException | None:
+    """The first exception of TYPES in ERROR or in the exception groups it is wrapped in."""
+    if isinstance(error, types):
+        return error
+    if isinstance(error, BaseExceptionGroup):
+        for sub in error.exceptions:
+            found = _leaf(sub, types)
+            if found is not None:
+                return found
+    return None
 
 
 # ---------------------------------------------------------------- talking to a running hatun
@@ -382,5 +398,8 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as e:  # a bug: say so plainly, keep the traceback for HATUN_DEBUG
         if os.environ.get("HATUN_DEBUG"):
             raise
-        print(f"hatun: internal error: {type(e).__name__}: {e} (set HATUN_DEBUG=1 for details)", file=sys.stderr)
+        leaf = e
+        while isinstance(leaf, BaseExceptionGroup) and len(leaf.exceptions) == 1:
+            leaf = leaf.exceptions[0]
+        print(f"hatun: internal error: {type(leaf).__name__}: {leaf} (set HATUN_DEBUG=1 for details)", file=sys.stderr)
         return EXIT_INTERNAL

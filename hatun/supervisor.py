@@ -16,6 +16,7 @@ and makes the kernel match; it also runs on netlink events (drift) and every few
 
 from __future__ import annotations
 
+import fcntl
 import ipaddress
 import json
 import logging
@@ -46,6 +47,7 @@ STATS_INTERVAL = 2.0
 DEBOUNCE = 0.005  # coalesce a burst of pokes into one sync
 TEARDOWN_GRACE = 10.0
 RETRY_SYNC_AFTER = 0.3
+KICK_INTERVAL = 3.0  # a down tunnel with a silent peer gets a fresh handshake this often
 # Keys that decide where hatun's kernel objects live; changing them needs a restart.
 RESTART_ONLY = [
     ("backend",), ("run_dir",), ("control", "socket"), ("metrics", "listen"), ("routing", "table"),
@@ -160,7 +162,9 @@ class Supervisor:
 
         cfg = self.config
         os.makedirs(cfg.run_dir, mode=0o700, exist_ok=True)
+        lock = self._lock()
         async with AsyncExitStack() as stack:
+            stack.callback(os.close, lock)
             # Events first, then the initial dump: nothing falls between the two.
             events = await stack.enter_async_context(open_rtnl_events())
             self.rtnl = await stack.enter_async_context(open_rtnl())
@@ -194,6 +198,19 @@ class Supervisor:
                     await self._teardown()
                 if grace.cancelled_caught:
                     log.error("clean-up did not finish within %.0f s; run `hatun down` to finish it", TEARDOWN_GRACE)
+
+    def _lock(self) -> int:
+        """One hatun per run_dir: an exclusive lock the kernel releases however the process ends."""
+        path = os.path.join(self.config.run_dir, "lock")
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            pid = self._load_state().get("pid")
+            raise SupervisorError(f"another hatun (pid {pid}) is running with run_dir {self.config.run_dir}:"
+                                  " stop it first, or give this one another run_dir") from None
+        return fd
 
     def stop(self, cleanup: bool | None = None) -> None:
         """Ask `run` to stop; CLEANUP overrides keep_on_exit (True: remove everything)."""
@@ -366,15 +383,7 @@ class Supervisor:
 
     def device_settings(self, rt: TunnelRuntime) -> DeviceSettings:
         """What the WireGuard device of RT should look like."""
-        t = rt.cfg
-        allowed = set(self.config.routing.prefixes) | set(t.allowed_ips) | {a.network for a in t.address}
-        probe = t.probe_target
-        allowed.add(ipaddress.ip_network(f"{probe.host}/{probe.host.max_prefixlen}"))
-        allowed = {n for n in allowed if not any(o != n and o.version == n.version and n.subnet_of(o) for o in allowed)}
-        peer = PeerSettings(t.peer_key, rt.endpoint, t.keepalive or 0,
-                            tuple(sorted(allowed, key=lambda n: (n.version, n.network_address, n.prefixlen))))
-        return DeviceSettings(t.ifname, rt.key, peer, fwmark=self.layout.bypass_mark, listen_port=t.listen_port,
-                              addresses=tuple(t.address), mtu=t.mtu)
+        return device_settings(self.config, rt.cfg, rt.key, rt.endpoint, self.layout.bypass_mark)
 
     async def _serve_tunnel(self, rt: TunnelRuntime) -> None:
         await self._resolve(rt)
@@ -388,6 +397,7 @@ class Supervisor:
         async with trio.open_nursery() as nursery:
             nursery.start_soon(self._serve_probes, rt)
             nursery.start_soon(self._serve_device, rt)
+            nursery.start_soon(self._serve_session_kick, rt)
             if rt.cfg.endpoint.is_dns:
                 nursery.start_soon(self._serve_resolver, rt)
 
@@ -425,6 +435,24 @@ class Supervisor:
                 await trio.sleep(0.05)
                 await self.backend.apply(self.device_settings(rt))
                 await self._refresh_link(rt)
+
+    async def _serve_session_kick(self, rt: TunnelRuntime) -> None:
+        """While a tunnel is down and its peer silent, start a fresh handshake every few seconds.
+
+        WireGuard itself re-handshakes only after 15 s of sending without replies, and a gateway that
+        restarted has forgotten the session: without this, recovery would take that long.
+        """
+        while True:
+            await trio.sleep(KICK_INTERVAL)
+            if rt.health.health is not State.DOWN or not rt.present:
+                continue
+            if trio.current_time() - rt.health.since < KICK_INTERVAL:
+                continue
+            await self.read_status(rt)
+            age = self._handshake_age(rt)
+            if age is None or age > KICK_INTERVAL:
+                log.debug("%s: no reply and no fresh handshake: starting a new session", rt.name)
+                await self.backend.reset_peer(self.device_settings(rt))
 
     def _on_recreated(self, ifname: str) -> None:
         """The userspace backend replaced a dead wireguard-go: a new device, new ifindex."""
@@ -865,6 +893,19 @@ class Supervisor:
             "reload": {"ok": self.last_reload_ok, "message": self.last_reload_message, "counts": dict(self.reloads)},
             "tunnels": out,
         }
+
+
+def device_settings(config: Config, t: Tunnel, key, endpoint: tuple[str, int] | None, fwmark: int) -> DeviceSettings:
+    """The WireGuard device of tunnel T (pure). Allowed IPs: the steered prefixes, the tunnel subnet,
+    the probe target and the tunnel's extra networks (each covering network only once)."""
+    allowed = set(config.routing.prefixes) | set(t.allowed_ips) | {a.network for a in t.address}
+    probe = t.probe_target
+    allowed.add(ipaddress.ip_network(f"{probe.host}/{probe.host.max_prefixlen}"))
+    allowed = {n for n in allowed if not any(o != n and o.version == n.version and n.subnet_of(o) for o in allowed)}
+    peer = PeerSettings(t.peer_key, endpoint, t.keepalive or 0,
+                        tuple(sorted(allowed, key=lambda n: (n.version, n.network_address, n.prefixlen))))
+    return DeviceSettings(t.ifname, key, peer, fwmark=fwmark, listen_port=t.listen_port,
+                          addresses=tuple(t.address), mtu=t.mtu)
 
 
 GROUP_ID_PROBE = 1002  # nexthop ids base+1002/1003: a short-lived probe for resilient group support

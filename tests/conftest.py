@@ -13,3 +13,6 @@ def namespaces():
         yield ns
     finally:
         ns.cleanup()
+
+
+from tests.labutil import hatun_factory, lab_factory  # noqa: E402,F401  (fixtures)

@@ -4,7 +4,8 @@ Run as `python -m hatun.lab.services ADDRESS [ADDRESS6]` inside the LAN namespac
 which gateway carried the request (its LAN address: the gateways masquerade), so a client can see
 its traffic move between tunnels.
 
-- TCP 7: echo (long-lived connections for failover tests)
+- TCP 7: a greeting line "via GW\n" naming the gateway, then an echo (long-lived connections for
+  failover tests)
 - TCP 80: HTTP, one line: "hatun lab: reached ADDRESS via gateway GW"
 - UDP 9000: echo of each datagram with the sender's address appended ("|198.19.77.2"): the
   traffic generator uses it to measure loss per flow and which tunnel each flow used.
@@ -31,6 +32,7 @@ def gateway_of(address: str) -> str:
 
 async def _echo(stream: trio.SocketStream) -> None:
     try:
+        await stream.send_all(f"via {gateway_of(stream.socket.getpeername()[0])}\n".encode())
         while True:
             data = await stream.receive_some(65536)
             if not data:
@@ -67,7 +69,7 @@ async def _udp_echo(address: str) -> None:
     while True:
         data, peer = await sock.recvfrom(65536)
         try:
-            sock.sendto(data + b"|" + peer[0].encode(), peer)
+            await sock.sendto(data + b"|" + peer[0].encode(), peer)
         except (BlockingIOError, OSError):
             pass  # a full buffer drops a reply, as a network would
 

@@ -378,6 +378,19 @@ def _kill_pids(pids: list[int], grace: float = 3.0) -> None:
             time.sleep(0.05)
 
 
+def _reap(pid: int, timeout: float = 2.0) -> None:
+    """Wait (bounded) until PID is gone; reap it when it is our child (the lab may run in-process)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            if os.waitpid(pid, os.WNOHANG)[0] == pid:
+                return
+        except ChildProcessError:
+            if not os.path.exists(f"/proc/{pid}") or _is_zombie(pid):
+                return
+        time.sleep(0.02)
+
+
 def _is_zombie(pid: int) -> bool:
     try:
         with open(f"/proc/{pid}/stat") as f:
@@ -456,6 +469,7 @@ async def lab_fail(name: str, gw: str, mode: str = "blackhole") -> str:
         pid = _gateway_wireguard_pid(lab, i)
         if pid is not None:
             os.kill(pid, signal.SIGKILL)
+            _reap(pid)
         else:
             _run(["ip", "-n", ns, "link", "del", lab.gw_ifname(i)], check=False)
         what = f"gw{i}: WireGuard peer killed"

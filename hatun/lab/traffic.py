@@ -93,7 +93,8 @@ async def udp_flows(netns: str | None, target: str, *, flows: int = 64, rate: fl
     """Send FLOWS UDP flows (one socket each: distinct source ports) at RATE packets/s in total for
     DURATION seconds to the lab's UDP echo; collect the echoes for one more second. Bounded in count
     and time."""
-    socks = [trio.socket.from_stdlib_socket(udp_socket(netns, target, port)) for _ in range(flows)]
+    raws = [udp_socket(netns, target, port) for _ in range(flows)]
+    socks = [trio.socket.from_stdlib_socket(r) for r in raws]  # for receiving; raws send without awaiting
     result = [Flow(i) for i in range(flows)]
     pad = b"x" * max(0, payload - HEADER.size)
 
@@ -124,7 +125,7 @@ async def udp_flows(netns: str | None, target: str, *, flows: int = 64, rate: fl
                 i, seq = n % flows, n // flows
                 now = trio.current_time()
                 try:
-                    socks[i].send(HEADER.pack(i, seq, now) + pad)
+                    raws[i].send(HEADER.pack(i, seq, now) + pad)
                 except (BlockingIOError, OSError):
                     pass  # no route / buffer full: counted as lost
                 result[i].sent[seq] = now
@@ -161,6 +162,14 @@ async def tcp_connections(netns: str | None, target: str, *, count: int = 8, dur
             with trio.fail_after(5):
                 await sock.connect((target, port))
             stream = trio.SocketStream(sock)
+            greeting = b""
+            with trio.fail_after(3):
+                while not greeting.endswith(b"\n"):
+                    chunk = await stream.receive_some(256)
+                    if not chunk:
+                        raise ConnectionResetError("closed by peer")
+                    greeting += chunk
+            c.gateway = greeting.decode(errors="replace").split()[-1]
             deadline = trio.current_time() + duration
             while trio.current_time() < deadline:
                 msg = f"hatun {c.index} {c.exchanges}\n".encode()

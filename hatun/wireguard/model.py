@@ -102,3 +102,6 @@ class Backend(Protocol):
 
     async def delete(self, ifname: str) -> None:
         """Remove the device (and stop whatever runs it). Deleting a missing device is not an error."""
+
+    async def reset_peer(self, settings: DeviceSettings) -> None:
+        """Drop the peer's session and set it up again, so that the next packet starts a handshake."""

@@ -222,6 +222,19 @@ class UserspaceBackend:
 
     # --- for the owner ---
 
+    async def reset_peer(self, settings: DeviceSettings) -> None:
+        """Drop the peer's session and configure it afresh: the next packet starts a new handshake
+        at once (instead of WireGuard's own retry after 15 s without replies, e.g. when the gateway
+        restarted and lost the session). Raises WireGuardError."""
+        check_ifname(settings.ifname)
+        dev = self._devices.get(settings.ifname)
+        if dev is None:
+            return
+        async with dev.lock:
+            await uapi.set(settings.ifname, [f"public_key={settings.peer.public_key.hex}", "remove=true"],
+                           socket_dir=self._socket_dir)
+            await self._configure(settings, False)
+
     def generation(self, ifname: str) -> int:
         """How many wireguard-go processes this backend has started for IFNAME (0: none, or adopted)."""
         dev = self._devices.get(ifname)

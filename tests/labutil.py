@@ -1,0 +1,178 @@
+"""Lab fixtures: a lab per test (unique name, removed even when the test fails) and hatun running in
+its runner namespace as a real process, driven through its control socket."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import trio
+
+from hatun.control import ControlError, request
+from hatun.lab import topology
+from hatun.lab.topology import Lab
+from tests.nsutil import RUN_ID, have_netns
+
+_counter = 0
+
+
+def lab_name() -> str:
+    global _counter
+    _counter += 1
+    return f"t{RUN_ID[:4]}{_counter}"
+
+
+def make_lab(gateways: int = 3, *, ipv6: bool = False, backend: str = "userspace") -> Lab:
+    return trio.run(topology.lab_up, lab_name(), gateways, backend, ipv6)
+
+
+def remove_lab(lab: Lab) -> None:
+    trio.run(topology.lab_down, lab.name)
+
+
+def edit_config(lab: Lab, *, path: str | None = None, routing: dict | None = None, health: dict | None = None,
+                tunnels: dict[str, dict] | None = None, top: dict | None = None, drop: list[str] = ()) -> str:
+    """Rewrite the lab's config with changes: ROUTING/HEALTH keys (TOML values as strings), per-tunnel
+    keys by tunnel name, top-level keys, tunnels to DROP. Returns the path written."""
+    path = path or lab.config_path
+    text = topology._config_text(lab, health=health, extra_routing=routing)
+    blocks = text.split("[[tunnels]]")
+    head, tunnel_blocks = blocks[0], blocks[1:]
+    if top:
+        head = "\n".join(f"{k} = {v}" for k, v in top.items()) + "\n" + head
+    out = [head]
+    for block in tunnel_blocks:
+        name = block.split('name = "', 1)[1].split('"', 1)[0]
+        if name in drop:
+            continue
+        extra = (tunnels or {}).get(name, {})
+        lines = [line for line in block.strip("\n").split("\n") if line.split(" = ")[0] not in extra]
+        lines += [f"{k} = {v}" for k, v in extra.items()]
+        out.append("\n".join(lines) + "\n\n")
+    with open(path, "w") as f:
+        f.write("[[tunnels]]\n".join(out))
+    return path
+
+
+class HatunProcess:
+    """`hatun run` inside the lab's runner namespace, as users run it."""
+
+    def __init__(self, lab: Lab, config: str | None = None, log_path: str | None = None) -> None:
+        self.lab = lab
+        self.config = config or lab.config_path
+        self.log_path = log_path or os.path.join(lab.dir, f"hatun-{time.monotonic_ns()}.log")
+        self.proc: subprocess.Popen | None = None
+
+    def start(self, wait_ready: bool = True, timeout: float = 20.0) -> HatunProcess:
+        with open(self.log_path, "ab") as out:
+            self.proc = subprocess.Popen(
+                ["ip", "netns", "exec", self.lab.runner, sys.executable, "-m", "hatun", "run", self.config,
+                 "--log-level", "debug"], stdin=subprocess.DEVNULL, stdout=out, stderr=out)
+        if wait_ready:
+            self.wait(lambda s: s["ready"], timeout, "ready")
+        return self
+
+    def control(self, req: dict) -> dict:
+        return request(self.lab.control_socket, req)
+
+    def status(self) -> dict:
+        return self.control({"command": "status"})["status"]
+
+    def tunnel(self, name: str) -> dict:
+        return next(t for t in self.status()["tunnels"] if t["name"] == name)
+
+    def wait(self, predicate, timeout: float = 10.0, what: str = "condition") -> dict:
+        """Poll the status until PREDICATE(status) holds (bounded); return that status."""
+        deadline = time.monotonic() + timeout
+        last_error = None
+        while time.monotonic() < deadline:
+            if self.proc is not None and self.proc.poll() is not None:
+                raise AssertionError(f"hatun exited with {self.proc.returncode} waiting for {what}:\n{self.log()[-3000:]}")
+            try:
+                status = self.status()
+                if predicate(status):
+                    return status
+            except (ControlError, OSError, KeyError, StopIteration) as e:
+                last_error = e
+            time.sleep(0.05)
+        raise AssertionError(f"timed out after {timeout} s waiting for {what} ({last_error});"
+                             f" log:\n{self.log()[-3000:]}")
+
+    def members(self) -> list[str]:
+        return self.status()["route"]["members"]
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 20.0) -> int:
+        if self.proc is None or self.proc.poll() is not None:
+            return self.proc.returncode if self.proc else 0
+        self.proc.send_signal(sig)
+        try:
+            return self.proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait(timeout=5)
+            raise AssertionError(f"hatun did not stop within {timeout} s after {signal.Signals(sig).name}")
+
+    def kill9(self) -> None:
+        assert self.proc is not None
+        self.proc.kill()
+        self.proc.wait(timeout=5)
+
+    def log(self) -> str:
+        try:
+            with open(self.log_path, errors="replace") as f:
+                return f.read()
+        except OSError:
+            return ""
+
+
+@pytest.fixture
+def lab_factory():
+    """make(gateways=3, ipv6=False, backend="userspace") -> Lab; every lab is removed afterwards."""
+    if not have_netns():
+        pytest.skip("needs root and iproute2 to build the lab")
+    labs: list[Lab] = []
+
+    def make(gateways: int = 3, **kw) -> Lab:
+        lab = make_lab(gateways, **kw)
+        labs.append(lab)
+        return lab
+
+    try:
+        yield make
+    finally:
+        for lab in labs:
+            remove_lab(lab)
+
+
+@pytest.fixture
+def hatun_factory():
+    """start(lab, config=None) -> HatunProcess (running and ready); all are stopped afterwards."""
+    procs: list[HatunProcess] = []
+
+    def start(lab: Lab, config: str | None = None, wait_ready: bool = True) -> HatunProcess:
+        p = HatunProcess(lab, config)
+        procs.append(p)
+        return p.start(wait_ready=wait_ready)
+
+    try:
+        yield start
+    finally:
+        for p in procs:
+            if p.proc is not None and p.proc.poll() is None:
+                p.stop()
+
+
+def ns_output(netns: str, *cmd: str, check: bool = True) -> str:
+    res = subprocess.run(["ip", "netns", "exec", netns, *cmd], capture_output=True, text=True, timeout=30)
+    if check and res.returncode != 0:
+        raise AssertionError(f"{' '.join(cmd)} in {netns}: {res.stderr}")
+    return res.stdout
+
+
+def routes_json(netns: str, *args: str) -> list:
+    return json.loads(ns_output(netns, "ip", "-j", *args) or "[]")

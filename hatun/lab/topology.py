@@ -218,7 +218,7 @@ async def _start_gateway_wireguard(lab: Lab, i: int) -> None:
     # Replies to the runner's source address go back into the tunnel they came from.
     routes = [f"route replace {SOURCE}/32 dev {lab.gw_ifname(i)}"]
     if lab.ipv6:
-        routes.append(f"-6 route replace {SOURCE6}/128 dev {lab.gw_ifname(i)}")
+        routes.append(f"route replace {SOURCE6}/128 dev {lab.gw_ifname(i)}")
     _batch(lab.gw_ns(i), routes)
 
 
@@ -312,7 +312,7 @@ def _build(lab: Lab) -> None:
                 write_private_key_file(path, PrivateKey.generate())
     for ns in lab.namespaces():
         _run(["ip", "netns", "add", ns])
-    lan6 = [f"-6 addr add {SERVICE6}/64 dev lanbr nodad"] if lab.ipv6 else []
+    lan6 = [f"addr add {SERVICE6}/64 dev lanbr nodad"] if lab.ipv6 else []
     _batch(lab.lan, ["link set lo up", "link add name lanbr type bridge", f"addr add {SERVICE}/24 dev lanbr", *lan6, "link set dev lanbr up"])
     runner_cmds = ["link set lo up"]
     root_cmds = []
@@ -326,7 +326,7 @@ def _build(lab: Lab) -> None:
         runner_ul, gw_ul = underlay(i)
         runner_cmds += [f"addr add {runner_ul} dev ul{i}", f"link set ul{i} up"]
         lan_ports += [f"link set dev gw{i} master lanbr", f"link set gw{i} up"]
-        gw6 = [f"-6 addr add {LAN6[i]}/64 dev lan nodad"] if lab.ipv6 else []
+        gw6 = [f"addr add {LAN6[i]}/64 dev lan nodad"] if lab.ipv6 else []
         _batch(lab.gw_ns(i), ["link set lo up", f"addr add {gw_ul} dev ul", "link set ul up",
                               f"addr add {LAN[i]}/24 dev lan", *gw6, "link set lan up"])
         settings = {"net.ipv4.ip_forward": "1", "net.ipv4.conf.all.rp_filter": "0"}

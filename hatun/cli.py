@@ -271,6 +271,61 @@ def cmd_reload(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+# ---------------------------------------------------------------- runner mode
+
+
+def cmd_up(args: argparse.Namespace) -> int:
+    from hatun import runner
+
+    config, _ = _load_for_run(args.config)
+    if os.geteuid() != 0:
+        raise CliError("hatun up needs root (CAP_NET_ADMIN and CAP_NET_RAW): it creates tunnels and routes")
+    min_healthy = args.min_healthy if args.min_healthy is not None else 1
+    if not 1 <= min_healthy <= len(config.tunnels):
+        raise CliError(f"--min-healthy must be 1..{len(config.tunnels)} (the config has {len(config.tunnels)} tunnels)")
+    res = runner.up(config, args.config, wait=args.wait, min_healthy=min_healthy, keep_on_failure=args.keep_on_failure)
+    if args.json:
+        _print_json({"ok": res.ok, "message": res.message, "pid": res.pid, "tunnels": res.diagnoses})
+    else:
+        print(f"hatun {'up' if res.ok else 'NOT up'}: {res.message}" + (f" (pid {res.pid})" if res.pid else ""))
+        for name, text in res.diagnoses.items():
+            print(f"  {name}: {text}")
+        if not res.ok:
+            print("stopped and cleaned up" if not args.keep_on_failure else
+                  f"left running (--keep-on-failure); log: {runner.log_path(config)}", file=sys.stderr)
+    return EXIT_OK if res.ok else EXIT_INVALID
+
+
+def cmd_down(args: argparse.Namespace) -> int:
+    import json as _json
+
+    from hatun import runner
+    from hatun.config import ConfigError, ConfigUnreadable, load_config
+
+    path = args.config
+    if path is None:
+        try:
+            with open("/run/hatun/state.json") as f:
+                path = _json.load(f).get("config")
+        except (OSError, ValueError):
+            path = None
+    if path is None:
+        print("hatun down: no config given and no running hatun found; nothing to do")
+        return EXIT_OK
+    try:
+        config, _ = load_config(path, skip_secrets=True)
+    except (ConfigError, ConfigUnreadable) as e:
+        raise CliError(f"cannot read {path}: {e}") from None
+    was_running, removed = runner.down(config)
+    if was_running:
+        print("hatun stopped; its tunnels, routes and rules are removed")
+    for what in removed:
+        print(f"  removed leftover: {what}")
+    if not was_running and not removed:
+        print("hatun was not running; nothing to remove")
+    return EXIT_OK
+
+
 # ---------------------------------------------------------------- lab
 
 
@@ -358,6 +413,15 @@ def build_parser() -> argparse.ArgumentParser:
         control_args(sp)
     sp = add("reload", cmd_reload, "re-read the config file of a running hatun (like SIGHUP) and report the result")
     control_args(sp)
+
+    sp = add("up", cmd_up, "runner mode: start hatun in the background, return once enough tunnels are healthy")
+    sp.add_argument("config", metavar="CONFIG")
+    sp.add_argument("--wait", type=float, default=60.0, metavar="SECONDS", help="how long to wait (default 60)")
+    sp.add_argument("--min-healthy", type=int, metavar="N", help="tunnels that must be healthy (default 1)")
+    sp.add_argument("--keep-on-failure", action="store_true", help="leave hatun running when the wait fails")
+    sp.add_argument("--json", action="store_true")
+    sp = add("down", cmd_down, "stop a background hatun and remove its tunnels and routes (idempotent)")
+    sp.add_argument("config", metavar="CONFIG", nargs="?", help="default: the config of the hatun in /run/hatun")
 
     lab = add("lab", cmd_lab, "the built-in lab: a runner, gateways and a private LAN in network namespaces")
     lsub = lab.add_subparsers(dest="lab_command", metavar="LAB_COMMAND")

@@ -91,6 +91,14 @@ class TunnelHealth:
                 )
         return None
 
+    def fail_now(self, now: float, reason: str) -> Transition | None:
+        """A verdict without probes: the tunnel cannot work at all (e.g. its device cannot be made)."""
+        self.last_failure = reason
+        self.successes = 0
+        if self.health is State.DOWN:
+            return None
+        return self._move(State.DOWN, now, reason)
+
     def _move(self, new: State, now: float, reason: str) -> Transition:
         old, self.health, self.since = self.health, new, now
         return Transition(self.name, old, new, reason, now)

@@ -47,6 +47,8 @@ STATS_INTERVAL = 2.0
 DEBOUNCE = 0.005  # coalesce a burst of pokes into one sync
 TEARDOWN_GRACE = 10.0
 RETRY_SYNC_AFTER = 0.3
+MAX_BACKOFF = 10.0  # a failing tunnel is retried at least this often
+RESOLVE_RETRY = 10.0  # a DNS endpoint of a down tunnel is resolved again this often
 KICK_INTERVAL = 3.0  # a down tunnel with a silent peer gets a fresh handshake this often
 # Keys that decide where hatun's kernel objects live; changing them needs a restart.
 RESTART_ONLY = [
@@ -376,8 +378,11 @@ class Supervisor:
                             backoff = 0.5
                         log.error("%s: %s; restarting this tunnel in %.1f s", rt.name, rt.last_error, backoff,
                                   exc_info=log.isEnabledFor(logging.DEBUG))
+                        transition = rt.health.fail_now(trio.current_time(), rt.last_error)
+                        if transition is not None:
+                            self._on_transition(rt, transition)
                         await trio.sleep(backoff)
-                        backoff = min(backoff * 2, 30.0)
+                        backoff = min(backoff * 2, MAX_BACKOFF)
         finally:
             rt.done.set()
 
@@ -521,12 +526,18 @@ class Supervisor:
         return changed
 
     async def _serve_resolver(self, rt: TunnelRuntime) -> None:
-        """Re-resolve a DNS endpoint periodically, and often while handshakes fail (dynamic DNS)."""
+        """Re-resolve a DNS endpoint every resolve_interval, and every few seconds while the tunnel
+        is down or its handshakes are stale (a gateway behind dynamic DNS that moved)."""
+        last = trio.current_time()
         while True:
-            stale = rt.endpoint is None or self._handshake_age(rt) is None or self._handshake_age(rt) > 135
-            await trio.sleep(30 if stale else self.config.resolve_interval)
-            if await self._resolve(rt):
-                await self.backend.apply(self.device_settings(rt))
+            await trio.sleep(RESOLVE_RETRY / 2)
+            age = self._handshake_age(rt)
+            troubled = rt.endpoint is None or rt.health.health is State.DOWN or age is None or age > 135
+            since = trio.current_time() - last
+            if since >= self.config.resolve_interval or (troubled and since >= RESOLVE_RETRY):
+                last = trio.current_time()
+                if await self._resolve(rt):
+                    await self.backend.apply(self.device_settings(rt))
 
     def _handshake_age(self, rt: TunnelRuntime) -> float | None:
         if rt.status is None or rt.status.peer is None or rt.status.peer.last_handshake is None:

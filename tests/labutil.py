@@ -62,17 +62,21 @@ def edit_config(lab: Lab, *, path: str | None = None, routing: dict | None = Non
 class HatunProcess:
     """`hatun run` inside the lab's runner namespace, as users run it."""
 
-    def __init__(self, lab: Lab, config: str | None = None, log_path: str | None = None) -> None:
+    def __init__(self, lab: Lab, config: str | None = None, log_path: str | None = None,
+                 args: tuple[str, ...] = ("--log-level", "debug"), env: dict | None = None) -> None:
         self.lab = lab
         self.config = config or lab.config_path
         self.log_path = log_path or os.path.join(lab.dir, f"hatun-{time.monotonic_ns()}.log")
+        self.args = args
+        self.env = env
         self.proc: subprocess.Popen | None = None
 
     def start(self, wait_ready: bool = True, timeout: float = 20.0) -> HatunProcess:
         with open(self.log_path, "ab") as out:
             self.proc = subprocess.Popen(
                 ["ip", "netns", "exec", self.lab.runner, sys.executable, "-m", "hatun", "run", self.config,
-                 "--log-level", "debug"], stdin=subprocess.DEVNULL, stdout=out, stderr=out)
+                 *self.args], stdin=subprocess.DEVNULL, stdout=out, stderr=out,
+                env={**os.environ, **self.env} if self.env else None)
         if wait_ready:
             self.wait(lambda s: s["ready"], timeout, "ready")
         return self
@@ -154,8 +158,8 @@ def hatun_factory():
     """start(lab, config=None) -> HatunProcess (running and ready); all are stopped afterwards."""
     procs: list[HatunProcess] = []
 
-    def start(lab: Lab, config: str | None = None, wait_ready: bool = True) -> HatunProcess:
-        p = HatunProcess(lab, config)
+    def start(lab: Lab, config: str | None = None, wait_ready: bool = True, **kw) -> HatunProcess:
+        p = HatunProcess(lab, config, **kw)
         procs.append(p)
         return p.start(wait_ready=wait_ready)
 
@@ -167,6 +171,13 @@ def hatun_factory():
                 p.stop()
 
 
+def hatun_cli(netns: str | None, *args: str, env: dict | None = None, timeout: float = 120) -> subprocess.CompletedProcess:
+    """The hatun command as users run it (inside NETNS when given)."""
+    cmd = (["ip", "netns", "exec", netns] if netns else []) + [sys.executable, "-m", "hatun", *args]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout,
+                          env={**os.environ, **env} if env else None)
+
+
 def ns_output(netns: str, *cmd: str, check: bool = True) -> str:
     res = subprocess.run(["ip", "netns", "exec", netns, *cmd], capture_output=True, text=True, timeout=30)
     if check and res.returncode != 0:
@@ -175,4 +186,10 @@ def ns_output(netns: str, *cmd: str, check: bool = True) -> str:
 
 
 def routes_json(netns: str, *args: str) -> list:
-    return json.loads(ns_output(netns, "ip", "-j", *args) or "[]")
+    """`ip -j ARGS` parsed; a table that does not exist has no routes."""
+    res = subprocess.run(["ip", "netns", "exec", netns, "ip", "-j", *args], capture_output=True, text=True, timeout=30)
+    if res.returncode != 0:
+        if "does not exist" in res.stderr:
+            return []
+        raise AssertionError(f"ip {' '.join(args)} in {netns}: {res.stderr}")
+    return json.loads(res.stdout or "[]")

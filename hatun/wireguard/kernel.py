@@ -15,7 +15,6 @@ never in a decoded message, a `DeviceStatus`, a log line or an error.
 from __future__ import annotations
 
 import base64
-import builtins
 import dataclasses
 import errno
 import ipaddress
@@ -115,7 +114,8 @@ def _same_endpoint(a: tuple[str, int] | None, b: tuple[str, int] | None) -> bool
     return ipaddress.ip_address(a[0]) == ipaddress.ip_address(b[0]) and a[1] == b[1]
 
 
-def diff_messages(wanted: DeviceSettings, current: DeviceStatus | None) -> tuple[list[wgmsg], builtins.set[str]]:
+def diff_messages(wanted: DeviceSettings, current: DeviceStatus | None, *,
+                  reset_peer: bool = False) -> tuple[list[wgmsg], set[str]]:
     """The WG_CMD_SET_DEVICE messages that make CURRENT match WANTED, and the names of what they change.
 
     The kernel twin of `uapi.diff_lines`, with the same rules and names: private_key (compared
@@ -123,10 +123,12 @@ def diff_messages(wanted: DeviceSettings, current: DeviceStatus | None) -> tuple
     peers removed), endpoint (never removed), keepalive, allowed_ips (replaced as a whole, with
     WGPEER_F_REPLACE_ALLOWEDIPS, only when the set differs). Nothing differs: no message at all.
     More than ALLOWEDIPS_PER_MESSAGE allowed IPs continue in further messages (without the flag).
+    RESET_PEER: remove the wanted peer too and add it afresh, in the same message (the kernel
+    handles a message's peers in order), which drops its session without a moment without peer.
     """
     ifname = wanted.ifname
     device: list = []
-    changed: builtins.set[str] = builtins.set()
+    changed: set[str] = set()
     if current is None or current.public_key != wanted.private_key.public_key:
         device.append(("WGDEVICE_A_PRIVATE_KEY", wanted.private_key.base64))  # pyroute2 wants base64
         changed.add("private_key")
@@ -141,7 +143,7 @@ def diff_messages(wanted: DeviceSettings, current: DeviceStatus | None) -> tuple
     peers: list[dict] = []
     have: PeerStatus | None = None
     for p in current.peers if current else ():
-        if p.public_key == want.public_key:
+        if p.public_key == want.public_key and not reset_peer:
             have = p
         else:  # one device, one peer: anything else was not configured by us
             peers.append({"attrs": [("WGPEER_A_PUBLIC_KEY", p.public_key.base64),
@@ -158,7 +160,7 @@ def diff_messages(wanted: DeviceSettings, current: DeviceStatus | None) -> tuple
         attrs.append(("WGPEER_A_PERSISTENT_KEEPALIVE_INTERVAL", want.keepalive))
         changed.add("keepalive")
     chunks: list[list[IPNetwork]] = []
-    if builtins.set(want.allowed_ips) != builtins.set(have.allowed_ips if have else ()):
+    if set(want.allowed_ips) != set(have.allowed_ips if have else ()):
         ips = list(dict.fromkeys(want.allowed_ips))
         chunks = [ips[i:i + ALLOWEDIPS_PER_MESSAGE] for i in range(0, len(ips), ALLOWEDIPS_PER_MESSAGE)]
         attrs.append(("WGPEER_A_FLAGS", WGPEER_F_REPLACE_ALLOWEDIPS))
@@ -168,12 +170,12 @@ def diff_messages(wanted: DeviceSettings, current: DeviceStatus | None) -> tuple
     if attrs or have is None:
         peers.append({"attrs": [("WGPEER_A_PUBLIC_KEY", want.public_key.base64), *attrs]})
 
-    messages = []
-    if device or peers:
-        messages.append(_message(WG_CMD_SET_DEVICE, ifname, [*device, *([("WGDEVICE_A_PEERS", peers)] if peers else [])]))
+    if peers:
+        device.append(("WGDEVICE_A_PEERS", peers))
+    messages = [_message(WG_CMD_SET_DEVICE, ifname, device)] if device else []
     for chunk in chunks[1:]:
-        peer = {"attrs": [("WGPEER_A_PUBLIC_KEY", want.public_key.base64), ("WGPEER_A_ALLOWEDIPS", _allowed_ips(chunk))]}
-        messages.append(_message(WG_CMD_SET_DEVICE, ifname, [("WGDEVICE_A_PEERS", [peer])]))
+        peer = [("WGPEER_A_PUBLIC_KEY", want.public_key.base64), ("WGPEER_A_ALLOWEDIPS", _allowed_ips(chunk))]
+        messages.append(_message(WG_CMD_SET_DEVICE, ifname, [("WGDEVICE_A_PEERS", [{"attrs": peer}])]))
     return messages, changed
 
 
@@ -231,32 +233,37 @@ class KernelBackend:
         self._rtnl = rtnl
         genl.message_classes[family] = wgreply
         self._generations: dict[str, int] = {}
-        self._locks: defaultdict[str, trio.Lock] = defaultdict(trio.Lock)  # one apply / delete at a time
+        self._locks: defaultdict[str, trio.Lock] = defaultdict(trio.Lock)  # per device: one change at a time
 
     async def apply(self, settings: DeviceSettings) -> Changes:
-        """Create IFNAME if missing and make it match SETTINGS, sending only what differs.
+        """Create IFNAME if missing and make it match SETTINGS, sending only what differs: the
+        WireGuard settings, then addresses, MTU and link up. Returns what changed (see `Changes`).
 
-        WireGuard settings go first, then addresses, MTU and link up, so that the device has its key
-        and peer when it comes up. Raises WireGuardError when the kernel refuses (the message names
-        the device, the settings sent and the kernel's reason, never a key) or when IFNAME exists
-        but is not a WireGuard device.
+        Raises WireGuardError when the kernel refuses (the message names the device, the settings
+        sent and the kernel's reason, never a key) or when IFNAME exists but is not a WireGuard device.
         """
         ifname = settings.ifname
         check_ifname(ifname)
         async with self._locks[ifname]:
             created = await self._ensure_link(ifname)
-            messages, changed = diff_messages(settings, await self._read(ifname))
-            what = f"{ifname}: set WireGuard {', '.join(sorted(changed))}"
-            for msg in messages:
-                try:
-                    await self._genl.request(msg, self._family, what=what)
-                except (NetlinkError, NetlinkTimeout) as exc:
-                    raise WireGuardError(str(exc)) from exc
-            changed |= await link.configure_link(self._rtnl, ifname, addresses=settings.addresses,
-                                                  mtu=settings.mtu, up=True)
+            changed = await self._configure(settings)
         if created or changed:
             log.info("%s: %s%s", ifname, "created; " if created else "", "set " + ", ".join(sorted(changed)))
         return Changes(created=created, changed=changed)
+
+    async def reset_peer(self, settings: DeviceSettings) -> None:
+        """Drop the peer's session and configure it afresh, so that the next packet starts a new
+        handshake at once (instead of WireGuard's own retry after 15 s without replies, e.g. when
+        the gateway restarted and lost the session). A missing device is left missing.
+
+        Raises WireGuardError as `apply`.
+        """
+        ifname = settings.ifname
+        check_ifname(ifname)
+        async with self._locks[ifname]:
+            if await self._exists(ifname):
+                await self._configure(settings, reset_peer=True)
+                log.info("%s: peer session reset", ifname)
 
     async def get(self, ifname: str) -> DeviceStatus | None:
         """IFNAME's configuration, counters and link state (never its private key); None if missing.
@@ -291,7 +298,7 @@ class KernelBackend:
         """
         check_ifname(ifname)
         async with self._locks[ifname]:
-            if await self._link_kind(ifname) is not None and await link.delete_link(self._rtnl, ifname):
+            if await self._exists(ifname) and await link.delete_link(self._rtnl, ifname):
                 log.info("%s: deleted", ifname)
             self._generations.pop(ifname, None)
 
@@ -305,21 +312,35 @@ class KernelBackend:
 
     # --- helpers ---
 
-    async def _link_kind(self, ifname: str) -> str | None:
-        """KIND when IFNAME is a WireGuard link, None when it does not exist; raises otherwise."""
+    async def _configure(self, settings: DeviceSettings, *, reset_peer: bool = False) -> set[str]:
+        ifname = settings.ifname
+        messages, changed = diff_messages(settings, await self._read(ifname), reset_peer=reset_peer)
+        what = f"{ifname}: set WireGuard {', '.join(sorted(changed))}"
+        for msg in messages:
+            try:
+                await self._genl.request(msg, self._family, what=what)
+            except (NetlinkError, NetlinkTimeout) as exc:
+                raise WireGuardError(str(exc)) from exc
+        # After the WireGuard part, so that the device has its key and peer when it comes up.
+        return changed | await link.configure_link(self._rtnl, ifname, addresses=settings.addresses,
+                                                   mtu=settings.mtu, up=True)
+
+    async def _exists(self, ifname: str) -> bool:
+        """True when IFNAME is a WireGuard link (ours, or left by an earlier hatun: adopted), False when
+        there is none; WireGuardError for a link of another kind (a name clash: never touch it)."""
         try:
             found = await self._rtnl.link(ifname)
         except (NetlinkError, NetlinkTimeout) as exc:
             raise WireGuardError(f"{ifname}: cannot read the device: {exc}") from exc
         if found is None:
-            return None
+            return False
         if found.kind != KIND:
             raise WireGuardError(f"{ifname} exists but is not a WireGuard device (kind {found.kind or 'none'}):"
                                  " leaving it alone; use another interface name")
-        return KIND
+        return True
 
     async def _ensure_link(self, ifname: str) -> bool:
-        if await self._link_kind(ifname) is not None:
+        if await self._exists(ifname):
             return False
         try:
             await self._rtnl.add_link(ifname, KIND)

@@ -1,0 +1,146 @@
+"""Runner mode (CI): `hatun up` starts the supervisor in the background and waits until enough
+tunnels are healthy; `hatun down` stops it and removes everything, idempotently.
+
+The background process is an ordinary `hatun run` (its own session, output in RUN_DIR/hatun.log), so
+everything a service does (adoption, clean stop) holds here too. Private keys can come from
+environment variables (CI secrets): the child inherits the environment.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+
+from hatun.config import Config
+from hatun.control import ControlError, NotRunning, request
+
+POLL = 0.2
+
+
+@dataclass
+class UpResult:
+    ok: bool
+    status: dict | None
+    diagnoses: dict[str, str]
+    message: str
+    pid: int | None = None
+
+
+def log_path(config: Config) -> str:
+    return os.path.join(config.run_dir, "hatun.log")
+
+
+def _status(socket_path: str) -> dict | None:
+    try:
+        reply = request(socket_path, {"command": "status"}, timeout=5)
+    except (NotRunning, ControlError):
+        return None
+    return reply.get("status") if reply.get("ok") else None
+
+
+def diagnose(t: dict) -> str:
+    """Why tunnel T (a status entry) is not healthy, in words that point at the fix."""
+    if t["state"] == "up":
+        return "healthy"
+    if t.get("endpoint_error"):
+        return f"{t['endpoint_error']}: check the endpoint's DNS name"
+    if not t.get("present"):
+        return f"the tunnel device is missing ({t.get('last_error') or 'not created yet'})"
+    if t.get("handshake_age_seconds") is None:
+        return (f"no handshake with the gateway at {t['endpoint'] or t['endpoint_configured']}: wrong keys (the"
+                " gateway must have this host's public key as a peer, and peer_public_key must be the gateway's),"
+                " wrong endpoint, or UDP to it blocked")
+    reason = t.get("last_failure") or "no reply"
+    return (f"handshake OK ({t['handshake_age_seconds']:.0f} s ago) but probes to {t['probe']} fail ({reason}): the"
+            " gateway does not forward into the private network, or the probe target is wrong")
+
+
+def up(config: Config, config_path: str, *, wait: float, min_healthy: int, keep_on_failure: bool = False) -> UpResult:
+    """Start hatun for CONFIG in the background (unless it already runs) and wait up to WAIT seconds
+    until MIN_HEALTHY tunnels are up. On failure the background hatun is stopped and cleaned up
+    (unless KEEP_ON_FAILURE)."""
+    sock = config.control.socket
+    pid = None
+    proc = None
+    if _status(sock) is None:
+        os.makedirs(config.run_dir, mode=0o700, exist_ok=True)
+        with open(log_path(config), "ab") as out:
+            proc = subprocess.Popen(
+                [sys.executable, "-m", "hatun", "run", os.path.abspath(config_path)],
+                stdin=subprocess.DEVNULL, stdout=out, stderr=out, start_new_session=True, close_fds=True)
+        pid = proc.pid
+    deadline = time.monotonic() + wait
+    status = None
+    while True:
+        if proc is not None and proc.poll() is not None:
+            return UpResult(False, None, {}, f"hatun exited with status {proc.returncode}:\n{_log_tail(config)}", pid)
+        status = _status(sock) or status
+        if status is not None:
+            healthy = sum(t["state"] == "up" for t in status["tunnels"])
+            if healthy >= min_healthy and status["route"]["members"] and not status["route"]["all_down"]:
+                return UpResult(True, status, {t["name"]: diagnose(t) for t in status["tunnels"]},
+                                f"{healthy} of {len(status['tunnels'])} tunnels healthy", status["pid"])
+        if time.monotonic() >= deadline:
+            break
+        time.sleep(POLL)
+    diagnoses = {t["name"]: diagnose(t) for t in status["tunnels"]} if status else {}
+    message = (f"fewer than {min_healthy} tunnels healthy after {wait:g} s" if status
+               else f"hatun did not answer on {sock} within {wait:g} s:\n{_log_tail(config)}")
+    if not keep_on_failure:
+        down(config)
+    return UpResult(False, status, diagnoses, message, pid)
+
+
+def _log_tail(config: Config, lines: int = 15) -> str:
+    try:
+        with open(log_path(config), errors="replace") as f:
+            return "".join(f.readlines()[-lines:]).rstrip()
+    except OSError:
+        return "(no log)"
+
+
+def down(config: Config, timeout: float = 30.0) -> tuple[bool, list[str]]:
+    """Stop the hatun of CONFIG (removing what it made) and clean up anything a crashed one left.
+    Returns (a hatun was running, what the clean-up removed). Idempotent."""
+    import trio
+
+    from hatun.supervisor import cleanup
+
+    sock = config.control.socket
+    was_running = False
+    try:
+        request(sock, {"command": "stop", "cleanup": True}, timeout=5)
+        was_running = True
+    except NotRunning:
+        pass
+    deadline = time.monotonic() + timeout
+    while was_running and time.monotonic() < deadline:
+        if _status(sock) is None and not os.path.exists(sock):
+            break
+        time.sleep(POLL)
+    _wait_unlocked(config, deadline)
+    removed = trio.run(cleanup, config)
+    return was_running, removed
+
+
+def _wait_unlocked(config: Config, deadline: float) -> None:
+    """Wait until no hatun holds the run_dir lock (its clean-up is done), bounded."""
+    import fcntl
+
+    path = os.path.join(config.run_dir, "lock")
+    if not os.path.exists(path):
+        return
+    fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
+    try:
+        while time.monotonic() < deadline:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                fcntl.flock(fd, fcntl.LOCK_UN)
+                return
+            except BlockingIOError:
+                time.sleep(POLL)
+    finally:
+        os.close(fd)

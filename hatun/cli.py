@@ -354,6 +354,19 @@ def cmd_lab(args: argparse.Namespace) -> int:
             print(trio.run(topology.lab_fail, args.name, args.gateway, args.mode))
         elif args.lab_command == "heal":
             print(trio.run(topology.lab_heal, args.name, args.gateway))
+        elif args.lab_command == "demo":
+            from hatun.lab.demo import run_demo
+
+            tty = sys.stdout.isatty()
+
+            def show(frame: str) -> None:
+                sys.stdout.write(("\x1b[H\x1b[2J" if tty else "") + frame + "\n" + ("" if tty else "\n"))
+                sys.stdout.flush()
+
+            summary = trio.run(lambda: run_demo(show, name=args.name, duration=args.duration, backend=args.backend))
+            if summary:
+                print(f"demo finished: {summary['sent']} packets sent, {summary['lost']} lost during the failovers;"
+                      " the lab is removed")
     except LabError as e:
         raise CliError(str(e), EXIT_INVALID) from None
     return EXIT_OK
@@ -438,6 +451,10 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--name", default="lab")
     sp.add_argument("--mode", choices=("blackhole", "kill"), default="blackhole",
                     help="blackhole: drop all packets on its underlay link; kill: kill its WireGuard peer")
+    sp = lsub.add_parser("demo", help="the lab, hatun on it, traffic, and gateways failing and healing, shown live")
+    sp.add_argument("--duration", type=float, default=60.0, metavar="SECONDS")
+    sp.add_argument("--name", default="demo")
+    sp.add_argument("--backend", choices=("auto", "kernel", "userspace"), default="auto")
     sp = lsub.add_parser("heal", help="repair a failed gateway")
     sp.add_argument("gateway", metavar="GW")
     sp.add_argument("--name", default="lab")

@@ -82,7 +82,7 @@ class TunnelRuntime:
     endpoint: tuple[str, int] | None = None
     endpoint_error: str | None = None
     status: DeviceStatus | None = None
-    status_at: float = 0.0
+    rate_sample: tuple[float, int, int] | None = None  # (time, rx, tx) the rates are measured from
     rx_rate: float = 0.0
     tx_rate: float = 0.0
     last_error: str | None = None
@@ -547,20 +547,26 @@ class Supervisor:
     # ------------------------------------------------------------ observing
 
     async def read_status(self, rt: TunnelRuntime) -> DeviceStatus | None:
-        """Fresh counters of RT's device; updates its rates. Never raises for a missing device."""
+        """Fresh counters of RT's device (kept as rt.status); updates its rates. Never raises for a
+        missing device."""
         try:
             status = await self.backend.get(rt.ifname)
         except WireGuardError as e:
             log.debug("%s: %s", rt.name, e)
             status = None
         now = trio.current_time()
-        if status is not None and status.peer is not None and rt.status is not None and rt.status.peer is not None:
-            dt = now - rt.status_at
-            if dt >= 0.5:
-                rt.rx_rate = max(0.0, (status.peer.rx_bytes - rt.status.peer.rx_bytes) / dt)
-                rt.tx_rate = max(0.0, (status.peer.tx_bytes - rt.status.peer.tx_bytes) / dt)
-        if status is None or rt.status is None or now - rt.status_at >= 0.5:
-            rt.status, rt.status_at = status, now
+        rt.status = status
+        peer = status.peer if status is not None else None
+        if peer is None:
+            rt.rate_sample = None
+            rt.rx_rate = rt.tx_rate = 0.0
+        elif rt.rate_sample is None or peer.rx_bytes < rt.rate_sample[1] or peer.tx_bytes < rt.rate_sample[2]:
+            rt.rate_sample = (now, peer.rx_bytes, peer.tx_bytes)  # first sample, or a new device
+        elif now - rt.rate_sample[0] >= 0.5:
+            dt = now - rt.rate_sample[0]
+            rt.rx_rate = (peer.rx_bytes - rt.rate_sample[1]) / dt
+            rt.tx_rate = (peer.tx_bytes - rt.rate_sample[2]) / dt
+            rt.rate_sample = (now, peer.rx_bytes, peer.tx_bytes)
         return status
 
     async def _serve_stats(self) -> None:

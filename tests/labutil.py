@@ -193,3 +193,76 @@ def routes_json(netns: str, *args: str) -> list:
             return []
         raise AssertionError(f"ip {' '.join(args)} in {netns}: {res.stderr}")
     return json.loads(res.stdout or "[]")
+
+
+class NsTcpProxy:
+    """Forwards 127.0.0.1:PORT of this namespace to TARGET inside NETNS (e.g. hatun's metrics port in
+    the runner namespace), so that a Prometheus here can scrape it: loopback only, no route anywhere.
+    Threads, bounded: each connection ends when either side closes; `close()` stops everything."""
+
+    def __init__(self, netns: str, target: tuple[str, int]) -> None:
+        import socket as _socket
+        import threading
+
+        from hatun.netns import run_in_netns
+
+        self._socket, self._threading = _socket, threading
+        self.netns, self.target = netns, target
+        self._run_in_netns = run_in_netns
+        self.listener = _socket.socket()
+        self.listener.bind(("127.0.0.1", 0))
+        self.listener.listen(16)
+        self.listener.settimeout(0.2)
+        self.address = f"127.0.0.1:{self.listener.getsockname()[1]}"
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._accept, daemon=True)
+        self._thread.start()
+
+    def _accept(self) -> None:
+        while not self._stop.is_set():
+            try:
+                client, _ = self.listener.accept()
+            except (TimeoutError, OSError):
+                continue
+            self._threading.Thread(target=self._serve, args=(client,), daemon=True).start()
+
+    def _serve(self, client) -> None:
+        try:
+            upstream = self._run_in_netns(self.netns, lambda: self._socket.create_connection(self.target, timeout=5))
+        except OSError:
+            client.close()
+            return
+        for a, b in ((client, upstream), (upstream, client)):
+            self._threading.Thread(target=self._pipe, args=(a, b), daemon=True).start()
+
+    def _pipe(self, src, dst) -> None:
+        src.settimeout(30)
+        try:
+            while not self._stop.is_set():
+                data = src.recv(65536)
+                if not data:
+                    break
+                dst.sendall(data)
+        except OSError:
+            pass
+        finally:
+            for s in (src, dst):
+                try:
+                    s.shutdown(self._socket.SHUT_RDWR)
+                except OSError:
+                    pass
+
+    def get(self, path: str) -> tuple[int, str]:
+        import urllib.error
+        import urllib.request
+
+        try:
+            with urllib.request.urlopen(f"http://{self.address}{path}", timeout=10) as resp:
+                return resp.status, resp.read().decode()
+        except urllib.error.HTTPError as e:
+            return e.code, e.read().decode()
+
+    def close(self) -> None:
+        self._stop.set()
+        self.listener.close()
+        self._thread.join(timeout=2)

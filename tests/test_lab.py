@@ -18,7 +18,7 @@ from hatun.lab import topology
 from hatun.netns import run_in_netns
 from hatun.supervisor import device_settings
 from hatun.wireguard.userspace import open_userspace_backend
-from tests.labutil import ns_output
+from tests.labutil import hatun_cli, ns_output
 
 pytestmark = pytest.mark.netns
 
@@ -146,7 +146,7 @@ async def test_killed_wireguard_go_returns_and_one_setting_changes_alone(lab_fac
 
 def test_lab_up_writes_a_valid_config_and_down_leaves_nothing(lab_factory):
     lab = lab_factory(2)
-    res = subprocess.run(["hatun", "check", lab.config_path], capture_output=True, text=True)
+    res = hatun_cli(None, "check", lab.config_path)
     assert res.returncode == 0, res.stdout + res.stderr
     for ns in lab.namespaces():
         assert ns in topology.existing_namespaces(lab.name)

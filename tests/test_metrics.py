@@ -16,7 +16,7 @@ import trio
 from hatun.lab import topology
 from hatun.netns import run_in_netns
 from tests import promutil
-from tests.labutil import NsTcpProxy
+from tests.labutil import NsTcpProxy, hatun_cli
 
 pytestmark = [pytest.mark.netns, pytest.mark.skipif(not promutil.have_prometheus(), reason="prometheus not installed")]
 
@@ -111,7 +111,7 @@ def test_dashboard_and_alerts_have_data_and_failover_shows(scraped):
     # Traffic on every tunnel, a reload, and a failover: every panel and rule has something to show.
     for i in (1, 2, 3):
         send_through(lab, i, 50, 500)
-    subprocess.run(["hatun", "reload", "--socket", lab.control_socket], capture_output=True, timeout=30)
+    hatun_cli(None, "reload", "--socket", lab.control_socket)
     trio.run(topology.lab_fail, lab.name, "gw2", "blackhole")
     hatun.wait(lambda s: "gw2" not in s["route"]["members"], 5, "gw2 down")
     promutil.wait_for_scrapes(prom, targets=1, scrapes=6)

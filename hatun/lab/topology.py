@@ -295,6 +295,7 @@ async def lab_up(name: str = "lab", gateways: int = 3, backend: str = "auto", ip
         for i in range(1, gateways + 1):
             await _start_gateway_wireguard(lab, i)
         _start_services(lab)
+        _wait_lan(lab)
         write_config(lab)
         lab.save()
     except BaseException:
@@ -342,6 +343,17 @@ def _build(lab: Lab) -> None:
     _batch(lab.lan, lan_ports)
     if lab.ipv6:
         _sysctl(lab.lan, {"net.ipv6.conf.all.accept_dad": "0"})
+
+
+def _wait_lan(lab: Lab) -> None:
+    """Bounded wait until the service host reaches every gateway: a new bridge port may drop the
+    first packets until the kernel has processed its carrier (linkwatch runs up to a second late)."""
+    for i in range(1, lab.gateways + 1):
+        for _ in range(20):
+            if _run(["ip", "netns", "exec", lab.lan, "ping", "-c", "1", "-W", "0.3", str(LAN[i])], check=False).returncode == 0:
+                break
+        else:
+            raise LabError(f"the service host cannot reach gw{i} in the LAN ({LAN[i]})")
 
 
 def _start_services(lab: Lab) -> None:

@@ -354,6 +354,15 @@ def cmd_lab(args: argparse.Namespace) -> int:
             print(trio.run(topology.lab_fail, args.name, args.gateway, args.mode))
         elif args.lab_command == "heal":
             print(trio.run(topology.lab_heal, args.name, args.gateway))
+        elif args.lab_command == "bench":
+            from hatun.lab.bench import run_bench
+
+            report = trio.run(lambda: run_bench(args.scenarios, runs=args.runs, quick=args.quick, backend=args.backend,
+                                                progress=lambda s: print(s, file=sys.stderr, flush=True)))
+            if args.json:
+                _print_json(report.to_json())
+            else:
+                print(report.table())
         elif args.lab_command == "demo":
             from hatun.lab.demo import run_demo
 
@@ -454,6 +463,13 @@ def build_parser() -> argparse.ArgumentParser:
     sp = lsub.add_parser("demo", help="the lab, hatun on it, traffic, and gateways failing and healing, shown live")
     sp.add_argument("--duration", type=float, default=60.0, metavar="SECONDS")
     sp.add_argument("--name", default="demo")
+    sp.add_argument("--backend", choices=("auto", "kernel", "userspace"), default="auto")
+    sp = lsub.add_parser("bench", help="measure failover, drain, restart, weights, throughput and scale on the lab")
+    sp.add_argument("scenarios", nargs="*", metavar="SCENARIO",
+                    help="failover, drain, restart, weights, throughput, scale (default: all)")
+    sp.add_argument("--runs", type=int, default=5)
+    sp.add_argument("--quick", action="store_true", help="small sizes: a smoke run that keeps the harness working")
+    sp.add_argument("--json", action="store_true")
     sp.add_argument("--backend", choices=("auto", "kernel", "userspace"), default="auto")
     sp = lsub.add_parser("heal", help="repair a failed gateway")
     sp.add_argument("gateway", metavar="GW")

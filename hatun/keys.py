@@ -46,8 +46,8 @@ def encode_key(raw: bytes) -> str:
     return base64.b64encode(raw).decode("ascii")
 
 
-class PublicKey:
-    """A WireGuard public key (32 bytes). Shown as base64: it is not a secret."""
+class _Key:
+    """32 bytes of key material with WireGuard's encodings; equal only to a key of the same kind."""
 
     __slots__ = ("raw",)
 
@@ -57,7 +57,7 @@ class PublicKey:
         self.raw = bytes(raw)
 
     @classmethod
-    def from_base64(cls, text: str) -> PublicKey:
+    def from_base64(cls, text: str):
         return cls(decode_key(text))
 
     @property
@@ -69,44 +69,37 @@ class PublicKey:
         return self.raw.hex()
 
     def __eq__(self, other: object) -> bool:
-        return isinstance(other, PublicKey) and other.raw == self.raw
+        return type(other) is type(self) and other.raw == self.raw
 
     def __hash__(self) -> int:
         return hash(self.raw)
 
+
+class PublicKey(_Key):
+    """A WireGuard public key (32 bytes). Shown as base64: it is not a secret."""
+
+    __slots__ = ()
+
     def __repr__(self) -> str:
         return f"PublicKey({self.base64!r})"
 
-    __str__ = lambda self: self.base64  # noqa: E731
+    def __str__(self) -> str:
+        return self.base64
 
 
-class PrivateKey:
+class PrivateKey(_Key):
     """A WireGuard private key. Its repr/str are redacted; use `.raw`, `.base64` or `.hex` on purpose."""
 
-    __slots__ = ("raw", "_public")
+    __slots__ = ("_public",)
 
     def __init__(self, raw: bytes) -> None:
-        if len(raw) != KEY_LEN:
-            raise InvalidKey(f"a key is {KEY_LEN} bytes, got {len(raw)}")
-        self.raw = bytes(raw)
+        super().__init__(raw)
         self._public: PublicKey | None = None
 
     @classmethod
     def generate(cls) -> PrivateKey:
         key = X25519PrivateKey.generate()
         return cls(key.private_bytes(Encoding.Raw, PrivateFormat.Raw, NoEncryption()))
-
-    @classmethod
-    def from_base64(cls, text: str) -> PrivateKey:
-        return cls(decode_key(text))
-
-    @property
-    def base64(self) -> str:
-        return encode_key(self.raw)
-
-    @property
-    def hex(self) -> str:
-        return self.raw.hex()
 
     @property
     def public_key(self) -> PublicKey:
@@ -115,12 +108,6 @@ class PrivateKey:
             pub = X25519PrivateKey.from_private_bytes(self.raw).public_key()
             self._public = PublicKey(pub.public_bytes(Encoding.Raw, PublicFormat.Raw))
         return self._public
-
-    def __eq__(self, other: object) -> bool:
-        return isinstance(other, PrivateKey) and other.raw == self.raw
-
-    def __hash__(self) -> int:
-        return hash(self.raw)
 
     def __repr__(self) -> str:
         return "PrivateKey(<redacted>)"

@@ -53,4 +53,9 @@ if [[ ! -f $stamp || pyproject.toml -nt $stamp ]]; then
   .venv/bin/python -c 'import hatun, trio, pyroute2, pydantic, prometheus_client, pytest_trio' 
   touch "$stamp"
 fi
+# A VM with a real kernel WireGuard for the kernel backend's tests (qemu, a Debian kernel unpacked
+# into /var/lib/hatun-vm, virtme-ng in .venv). HATUN_NO_VM=1 skips it.
+if [[ ${HATUN_NO_VM:-0} != 1 && $(uname -m) == x86_64 ]]; then
+  bash tests/vm/setup.sh "$PWD/.venv" | sed 's/^/  /' || echo "setup: the test VM could not be set up; its tests will be skipped"
+fi
 echo "setup: ready ($(.venv/bin/hatun --version), $(wireguard-go --version 2>/dev/null | head -1))"

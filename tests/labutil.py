@@ -5,16 +5,14 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
 import sys
-import time
 
 import pytest
 import trio
 
-from hatun.control import ControlError, request
 from hatun.lab import topology
+from hatun.lab.process import HatunProcess
 from hatun.lab.topology import Lab
 from tests.nsutil import RUN_ID, have_netns
 
@@ -57,81 +55,6 @@ def edit_config(lab: Lab, *, path: str | None = None, routing: dict | None = Non
     with open(path, "w") as f:
         f.write("[[tunnels]]\n".join(out))
     return path
-
-
-class HatunProcess:
-    """`hatun run` inside the lab's runner namespace, as users run it."""
-
-    def __init__(self, lab: Lab, config: str | None = None, log_path: str | None = None,
-                 args: tuple[str, ...] = ("--log-level", "debug"), env: dict | None = None) -> None:
-        self.lab = lab
-        self.config = config or lab.config_path
-        self.log_path = log_path or os.path.join(lab.dir, f"hatun-{time.monotonic_ns()}.log")
-        self.args = args
-        self.env = env
-        self.proc: subprocess.Popen | None = None
-
-    def start(self, wait_ready: bool = True, timeout: float = 20.0) -> HatunProcess:
-        with open(self.log_path, "ab") as out:
-            self.proc = subprocess.Popen(
-                ["ip", "netns", "exec", self.lab.runner, sys.executable, "-m", "hatun", "run", self.config,
-                 *self.args], stdin=subprocess.DEVNULL, stdout=out, stderr=out,
-                env={**os.environ, **self.env} if self.env else None)
-        if wait_ready:
-            self.wait(lambda s: s["ready"], timeout, "ready")
-        return self
-
-    def control(self, req: dict) -> dict:
-        return request(self.lab.control_socket, req)
-
-    def status(self) -> dict:
-        return self.control({"command": "status"})["status"]
-
-    def tunnel(self, name: str) -> dict:
-        return next(t for t in self.status()["tunnels"] if t["name"] == name)
-
-    def wait(self, predicate, timeout: float = 10.0, what: str = "condition") -> dict:
-        """Poll the status until PREDICATE(status) holds (bounded); return that status."""
-        deadline = time.monotonic() + timeout
-        last_error = None
-        while time.monotonic() < deadline:
-            if self.proc is not None and self.proc.poll() is not None:
-                raise AssertionError(f"hatun exited with {self.proc.returncode} waiting for {what}:\n{self.log()[-3000:]}")
-            try:
-                status = self.status()
-                if predicate(status):
-                    return status
-            except (ControlError, OSError, KeyError, StopIteration) as e:
-                last_error = e
-            time.sleep(0.05)
-        raise AssertionError(f"timed out after {timeout} s waiting for {what} ({last_error});"
-                             f" log:\n{self.log()[-3000:]}")
-
-    def members(self) -> list[str]:
-        return self.status()["route"]["members"]
-
-    def stop(self, sig: int = signal.SIGTERM, timeout: float = 20.0) -> int:
-        if self.proc is None or self.proc.poll() is not None:
-            return self.proc.returncode if self.proc else 0
-        self.proc.send_signal(sig)
-        try:
-            return self.proc.wait(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait(timeout=5)
-            raise AssertionError(f"hatun did not stop within {timeout} s after {signal.Signals(sig).name}")
-
-    def kill9(self) -> None:
-        assert self.proc is not None
-        self.proc.kill()
-        self.proc.wait(timeout=5)
-
-    def log(self) -> str:
-        try:
-            with open(self.log_path, errors="replace") as f:
-                return f.read()
-        except OSError:
-            return ""
 
 
 @pytest.fixture

@@ -9,9 +9,7 @@ from __future__ import annotations
 import os
 import secrets
 import shutil
-import signal
 import subprocess
-import time
 
 RUN_ID = secrets.token_hex(3)
 
@@ -46,20 +44,9 @@ def ns_pids(netns: str) -> list[int]:
 
 def kill_ns_processes(netns: str, grace: float = 3.0) -> None:
     """End the processes running inside NETNS (all of them were started by the test), by PID."""
-    pids = ns_pids(netns)
-    for sig in (signal.SIGTERM, signal.SIGKILL):
-        for pid in pids:
-            try:
-                os.kill(pid, sig)
-            except ProcessLookupError:
-                pass
-        deadline = time.monotonic() + grace
-        while pids and time.monotonic() < deadline:
-            pids = [p for p in pids if os.path.exists(f"/proc/{p}")]
-            if pids:
-                time.sleep(0.05)
-        if not pids:
-            return
+    from hatun.lab.topology import kill_pids
+
+    kill_pids(ns_pids(netns), grace)
 
 
 class Namespaces:

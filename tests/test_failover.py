@@ -3,8 +3,6 @@ nexthop groups, nftables pinning), observed with real traffic."""
 
 from __future__ import annotations
 
-import socket
-import subprocess
 import time
 
 import pytest

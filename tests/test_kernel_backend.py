@@ -713,7 +713,7 @@ def wireguard_netns(namespaces) -> str:
 #   vng -v -r /var/lib/hatun-vm/kernel/6.1.0-56-amd64/boot/vmlinuz-6.1.0-56-amd64 --disable-kvm -- \
 #     'modprobe -d /var/lib/hatun-vm/kernel/6.1.0-56-amd64 wireguard && cd /work/main &&
 #      /tmp/venv/bin/python -m pytest -p no:cacheprovider -m vm tests/test_kernel_backend.py'
-@pytest.mark.vm
+@pytest.mark.vm_inside
 @pytest.mark.netns
 async def test_behaviour_against_the_kernel(wireguard_netns, logs):
     ns = wireguard_netns

@@ -9,8 +9,6 @@ from __future__ import annotations
 import os
 import signal
 import struct
-import subprocess
-import sys
 import time
 from collections import deque
 from collections.abc import Callable
@@ -20,6 +18,7 @@ import trio
 
 from hatun.control import ControlError, request
 from hatun.lab import topology
+from hatun.lab.process import HatunProcess
 from hatun.lab.services import gateway_of
 from hatun.lab.traffic import udp_socket
 from hatun.render import status_text
@@ -145,10 +144,9 @@ async def run_demo(show: Callable[[str], None], *, name: str = "demo", duration:
     proc = None
     summary: dict = {}
     try:
-        log = open(os.path.join(lab.dir, "hatun.log"), "ab")
-        proc = subprocess.Popen(["ip", "netns", "exec", lab.runner, sys.executable, "-m", "hatun", "run", lab.config_path],
-                                stdin=subprocess.DEVNULL, stdout=log, stderr=log, start_new_session=True)
-        log.close()
+        hatun = HatunProcess(lab, log_path=os.path.join(lab.dir, "hatun.log"), args=())
+        hatun.start(wait_ready=False)
+        proc = hatun.proc
         event(f"hatun started in {lab.runner} (log: {lab.dir}/hatun.log)")
         status = await _wait_ready(lab, proc)
         event("all tunnels up: traffic starts")

@@ -45,6 +45,7 @@ SERVICE = "198.19.77.200"
 SERVICE6 = "2001:2:0:77::200"
 SOURCE = "198.18.99.1"
 SOURCE6 = "2001:2:0:99::1"
+SERVICE_START_TIMEOUT = 120.0
 MAX_GATEWAYS = 199  # gateway I has LAN address 198.19.77.I; .200 is the service host
 
 
@@ -363,8 +364,8 @@ def _start_services(lab: Lab) -> None:
         proc = subprocess.Popen(["ip", "netns", "exec", lab.lan, sys.executable, "-m", "hatun.lab.services", *addresses],
                                 stdin=subprocess.DEVNULL, stdout=out, stderr=out, start_new_session=True)
     lab.pids["services"] = proc.pid
-    # Bounded wait until the UDP echo answers (a few hundred ms at most).
-    deadline = time.monotonic() + 10
+    # Bounded wait until the UDP echo listens: a few hundred ms here, far more on an emulated CPU.
+    deadline = time.monotonic() + SERVICE_START_TIMEOUT
     while time.monotonic() < deadline:
         res = _run(["ip", "netns", "exec", lab.lan, "ss", "-lun"], check=False)
         if ":9000" in res.stdout:
@@ -372,10 +373,11 @@ def _start_services(lab: Lab) -> None:
         if proc.poll() is not None:
             raise LabError(f"the lab's service host exited: see {log_path}")
         time.sleep(0.05)
-    raise LabError(f"the lab's service host did not start within 10 s: see {log_path}")
+    raise LabError(f"the lab's service host did not start within {SERVICE_START_TIMEOUT:.0f} s: see {log_path}")
 
 
-def _kill_pids(pids: list[int], grace: float = 3.0) -> None:
+def kill_pids(pids: list[int], grace: float = 3.0) -> None:
+    """SIGTERM, then SIGKILL after GRACE seconds, the processes PIDS; bounded."""
     for sig in (signal.SIGTERM, signal.SIGKILL):
         for pid in pids:
             try:
@@ -422,7 +424,7 @@ async def lab_down(name: str = "lab") -> list[str]:
     for ns in namespaces:
         pids += [int(p) for p in _run(["ip", "netns", "pids", ns], check=False).stdout.split()]
     if pids:
-        _kill_pids(pids)
+        kill_pids(pids)
         removed.append(f"{len(pids)} processes")
     for ns in namespaces:
         _run(["ip", "netns", "del", ns], check=False)

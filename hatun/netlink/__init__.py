@@ -11,10 +11,10 @@ from hatun.netlink.core import (
     NetlinkError,
     NetlinkSocket,
     NetlinkTimeout,
-    NetnsNotFound,
     open_netlink,
 )
 from hatun.netlink.genl import FamilyNotFound, resolve_family
+from hatun.netns import NetnsNotFound
 from hatun.netlink.rtnl import (
     Address,
     Hop,

@@ -52,7 +52,7 @@ from pyroute2.netlink import (
 from pyroute2.netlink.rtnl.marshal import MarshalRtnl
 
 from hatun.netlink import messages
-from hatun.netns import NetnsNotFound, run_in_netns
+from hatun.netns import run_in_netns
 
 log = logging.getLogger("hatun.netlink")
 

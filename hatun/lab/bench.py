@@ -1,0 +1,398 @@
+"""`hatun lab bench`: hatun's numbers, measured the same way every time on the lab.
+
+Every scenario builds its own lab, runs hatun on it as users do (`hatun run` in the runner
+namespace), measures with real traffic, and tears everything down. Each figure is measured in every
+run and reported as median, min and max over the runs, with its target. Benchmarks report; they do
+not assert (the tests assert behaviour).
+
+Scenarios: failover (default and fast health settings), drain, restart (kill -9), weights,
+throughput (hatun's route against a hand-written multipath route and a single tunnel), scale
+(hatun's own CPU and memory with many tunnels).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import resource
+import shutil
+import signal
+import statistics
+import subprocess
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+
+import trio
+
+from hatun.lab import topology, traffic
+from hatun.lab.process import HatunProcess
+from hatun.lab.topology import Lab
+
+SCENARIOS = ("failover", "drain", "restart", "weights", "throughput", "scale")
+HEALTH_SETS = {
+    "default": {"interval": '"100ms"', "timeout": '"250ms"', "rise": "3", "fall": "2"},
+    "fast": {"interval": '"50ms"', "timeout": '"100ms"', "rise": "3", "fall": "2"},
+}
+
+
+@dataclass
+class Figure:
+    scenario: str
+    name: str
+    unit: str
+    target: str = ""  # e.g. "< 400", "= 0", ">= 0.97"
+    values: list[float] = field(default_factory=list)
+
+    @property
+    def median(self) -> float | None:
+        return statistics.median(self.values) if self.values else None
+
+    def meets(self) -> bool | None:
+        if not self.target or self.median is None:
+            return None
+        op, _, bound = self.target.partition(" ")
+        value, bound = self.median, float(bound)
+        return {"<": value < bound, "<=": value <= bound, "=": value == bound, ">=": value >= bound}[op]
+
+
+@dataclass
+class Report:
+    machine: dict
+    figures: list[Figure] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+
+    def figure(self, scenario: str, name: str, unit: str, target: str = "") -> Figure:
+        for f in self.figures:
+            if (f.scenario, f.name) == (scenario, name):
+                return f
+        f = Figure(scenario, name, unit, target)
+        self.figures.append(f)
+        return f
+
+    def to_json(self) -> dict:
+        return {"machine": self.machine, "notes": self.notes,
+                "figures": [{**asdict(f), "median": f.median, "min": min(f.values, default=None),
+                             "max": max(f.values, default=None), "meets_target": f.meets()} for f in self.figures]}
+
+    def table(self) -> str:
+        from hatun.render import table
+
+        rows = []
+        for f in self.figures:
+            if not f.values:
+                continue
+            fmt = (lambda v: f"{v:.0f}") if f.unit in ("ms", "packets", "flows", "Mbit/s", "MiB") else (lambda v: f"{v:.3g}")
+            ok = {True: "yes", False: "NO", None: ""}[f.meets()]
+            rows.append((f.scenario, f.name, f.unit, fmt(f.median), fmt(min(f.values)), fmt(max(f.values)),
+                         len(f.values), f.target, ok))
+        m = self.machine
+        head = (f"machine: {m['cpus']} CPUs ({m['cpu']}), kernel {m['kernel']}, backend {m['backend']},"
+                f" wireguard-go {m['wireguard_go']}, python {m['python']}")
+        return head + "\n" + table(("scenario", "figure", "unit", "median", "min", "max", "runs", "target", "met"), rows) + \
+            "".join(f"\nnote: {n}" for n in self.notes)
+
+
+def machine_info(backend: str) -> dict:
+    cpu = "unknown"
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    wg = subprocess.run(["wireguard-go", "--version"], capture_output=True, text=True).stdout.split("\n")[0] \
+        if shutil.which("wireguard-go") else "not installed"
+    return {"cpus": os.cpu_count(), "cpu": cpu, "kernel": platform.release(), "backend": backend,
+            "wireguard_go": wg.replace("wireguard-go ", ""), "python": platform.python_version()}
+
+
+# ---------------------------------------------------------------- helpers
+
+_n = 0
+
+
+def _lab_name() -> str:
+    global _n
+    _n += 1
+    return f"b{os.getpid() % 10000}{_n}"[:8]
+
+
+async def _thread(fn, *args):
+    return await trio.to_thread.run_sync(fn, *args)
+
+
+async def _lab_op(fn, *args):
+    """Lab operations run their subprocesses synchronously: keep them off the traffic's event loop."""
+    return await trio.to_thread.run_sync(trio.run, fn, *args)
+
+
+class _Scene:
+    """A lab with hatun on it, removed on exit."""
+
+    def __init__(self, gateways: int, backend: str, health: dict | None = None, routing: dict | None = None,
+                 tunnels: dict | None = None, top: dict | None = None) -> None:
+        self.gateways, self.backend = gateways, backend
+        self.health, self.routing, self.tunnels, self.top = health, routing, tunnels, top
+        self.lab: Lab | None = None
+        self.hatun: HatunProcess | None = None
+
+    async def __aenter__(self) -> _Scene:
+        self.lab = await _lab_op(topology.lab_up, _lab_name(), self.gateways, self.backend, False)
+        write_config(self.lab, self.health, self.routing, self.tunnels, self.top)
+        self.hatun = HatunProcess(self.lab, args=("--log-level", "info"))
+        await _thread(lambda: self.hatun.start(timeout=60))
+        await _thread(lambda: self.hatun.wait(lambda s: len(s["route"]["members"]) == self.expected_members(), 60,
+                                              "tunnels in service"))
+        return self
+
+    def expected_members(self) -> int:
+        tiers = [int((self.tunnels or {}).get(f"gw{i}", {}).get("priority", "0")) for i in range(1, self.gateways + 1)]
+        return tiers.count(min(tiers))
+
+    async def __aexit__(self, *exc) -> None:
+        with trio.CancelScope(shield=True):
+            if self.hatun is not None and self.hatun.proc is not None and self.hatun.proc.poll() is None:
+                try:
+                    await _thread(lambda: self.hatun.stop(timeout=30))
+                except AssertionError:
+                    pass
+            if self.lab is not None:
+                await _lab_op(topology.lab_down, self.lab.name)
+
+
+def write_config(lab: Lab, health=None, routing=None, tunnels=None, top=None) -> None:
+    """The lab's config with changes (TOML values as strings), per section and per tunnel."""
+    text = topology._config_text(lab, health=health, extra_routing=routing)
+    if top:
+        text = "\n".join(f"{k} = {v}" for k, v in top.items()) + "\n" + text
+    for name, keys in (tunnels or {}).items():
+        marker = f'name = "{name}"\n'
+        text = text.replace(marker, marker + "".join(f"{k} = {v}\n" for k, v in keys.items()))
+    with open(lab.config_path, "w") as f:
+        f.write(text)
+
+
+async def _wait_status(hatun: HatunProcess, predicate, timeout: float, what: str) -> dict:
+    return await _thread(lambda: hatun.wait(predicate, timeout, what, interval=0.01))
+
+
+# ---------------------------------------------------------------- scenarios
+
+
+async def bench_failover(report: Report, backend: str, runs: int, quick: bool) -> None:
+    sets = ["default"] if quick else ["default", "fast"]
+    for hs in sets:
+        sc = f"failover/{hs}"
+        window = report.figure(sc, "loss window of the failed tunnel's flows", "ms", "< 400" if hs == "default" else "< 200")
+        lost_other = report.figure(sc, "packets lost on the other tunnels", "packets", "= 0")
+        moved = report.figure(sc, "share of flows that changed tunnel", "%")
+        failback = report.figure(sc, "failback: heal -> back in the route", "ms")
+        broken = report.figure(sc, "TCP connections broken at failback", "flows", "= 0")
+        share = report.figure(sc, "healed tunnel's share of new flows 5 s after failback", "%")
+        for _ in range(runs):
+            async with _Scene(3, backend, health=HEALTH_SETS[hs]) as s:
+                lab, hatun = s.lab, s.hatun
+                marks: dict[str, float] = {}
+                conns: list = []
+
+                async def chaos():
+                    await trio.sleep(2.0)
+                    marks["fail"] = trio.current_time()
+                    await _lab_op(topology.lab_fail, lab.name, "gw2", "blackhole")
+                    await _wait_status(hatun, lambda st: "gw2" not in st["route"]["members"], 10, "gw2 out")
+                    await trio.sleep(1.0)
+                    marks["heal"] = trio.current_time()
+                    await _lab_op(topology.lab_heal, lab.name, "gw2")
+                    await _wait_status(hatun, lambda st: "gw2" in st["route"]["members"], 20, "gw2 back")
+                    marks["back"] = trio.current_time()
+
+                async def tcp():
+                    await trio.sleep(3.0)  # opened while gw2 is down: they must survive its failback
+                    conns.extend(await traffic.tcp_connections(lab.runner, topology.SERVICE, count=8,
+                                                               duration=5.0 if not quick else 3.0))
+
+                async with trio.open_nursery() as n:
+                    n.start_soon(tcp)
+                    run = await traffic.udp_flows(lab.runner, topology.SERVICE, flows=64, rate=1000,
+                                                  duration=7.0 if not quick else 5.0, on_start=chaos)
+                failed = [f for f in run.flows if f.gateways()[:1] == ["gw2"]]
+                others = [f for f in run.flows if f.gateways()[:1] not in (["gw2"], [])]
+                if failed:
+                    window.values.append(1000 * statistics.median(f.loss_window() for f in failed))
+                lost_other.values.append(sum(len(f.lost(end=run.ended - 1.0)) for f in others))
+                moved.values.append(100 * sum(len(f.gateways()) > 1 for f in run.flows) / len(run.flows))
+                if "back" in marks:
+                    failback.values.append(1000 * (marks["back"] - marks["heal"]))
+                broken.values.append(sum(1 for c in conns if c.broken))
+                if "back" in marks and not quick:
+                    await trio.sleep(max(0.0, marks["back"] + 5.0 - trio.current_time()))
+                new = await traffic.udp_flows(lab.runner, topology.SERVICE, flows=60, rate=600, duration=1.0)
+                share.values.append(100 * new.share().get("gw2", 0.0))
+
+
+async def bench_drain(report: Report, backend: str, runs: int, quick: bool) -> None:
+    lost = report.figure("drain", "packets lost during a drain", "packets", "= 0")
+    for _ in range(runs):
+        async with _Scene(3, backend) as s:
+            async def drain():
+                await trio.sleep(1.0)
+                await _thread(lambda: s.hatun.control({"command": "drain", "tunnel": "gw1"}))
+
+            run = await traffic.udp_flows(s.lab.runner, topology.SERVICE, flows=32, rate=500, duration=3.0, on_start=drain)
+            lost.values.append(sum(len(f.lost()) for f in run.flows))
+
+
+async def bench_restart(report: Report, backend: str, runs: int, quick: bool) -> None:
+    lost = report.figure("restart", "packets lost across kill -9 and restart", "packets", "= 0")
+    for _ in range(runs):
+        async with _Scene(3, backend) as s:
+            async def crash():
+                await trio.sleep(1.0)
+                await _thread(s.hatun.kill9)
+                await trio.sleep(0.3)
+                s.hatun = HatunProcess(s.lab, args=("--log-level", "info"))
+                await _thread(lambda: s.hatun.start(timeout=60))
+
+            run = await traffic.udp_flows(s.lab.runner, topology.SERVICE, flows=48, rate=600, duration=4.0, on_start=crash)
+            lost.values.append(sum(len(f.lost()) for f in run.flows))
+
+
+async def bench_weights(report: Report, backend: str, runs: int, quick: bool) -> None:
+    flows = 300 if quick else 3000
+    err = report.figure("weights", f"largest deviation of a tunnel's share from its weight's ({flows} flows, 1:2:3)", "%", "<= 5")
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (min(hard, max(soft, flows + 1024)), hard))
+    for _ in range(runs):
+        async with _Scene(3, backend, tunnels={"gw1": {"weight": "1"}, "gw2": {"weight": "2"}, "gw3": {"weight": "3"}}) as s:
+            run = await traffic.udp_flows(s.lab.runner, topology.SERVICE, flows=flows, rate=3000, duration=flows / 3000 * 2)
+            counts: dict[str, int] = {}
+            for f in run.flows:
+                if f.gateways():
+                    counts[f.gateways()[0]] = counts.get(f.gateways()[0], 0) + 1
+            total = sum(counts.values()) or 1
+            # Relative deviation: |share - weight share| / weight share.
+            err.values.append(100 * max(abs(counts.get(f"gw{i}", 0) / total - i / 6) / (i / 6) for i in (1, 2, 3)))
+    report.notes.append(f"weights: each flow hashes to a bucket at random, so over {flows} flows a share"
+                        f" scatters by about {100 * ((1 / 6 * 5 / 6 / flows) ** 0.5) / (1 / 6):.1f}% (relative) for weight 1 of 6")
+
+
+def _iperf(lab: Lab, seconds: float, streams: int = 16) -> float:
+    """Aggregate throughput (Mbit/s) of STREAMS TCP streams from the runner to the service host."""
+    res = subprocess.run(["ip", "netns", "exec", lab.runner, "iperf3", "-c", topology.SERVICE, "-P", str(streams),
+                          "-t", str(seconds), "-J"], capture_output=True, text=True, timeout=seconds + 60)
+    doc = json.loads(res.stdout or "{}")
+    if "end" not in doc:
+        raise RuntimeError(f"iperf3: {doc.get('error') or res.stderr.strip()}")
+    return doc["end"]["sum_received"]["bits_per_second"] / 1e6
+
+
+async def bench_throughput(report: Report, backend: str, runs: int, quick: bool) -> None:
+    if not shutil.which("iperf3"):
+        report.notes.append("throughput: iperf3 not installed (apt-get install iperf3); skipped")
+        return
+    seconds = 2 if quick else 8
+    for n in ([2] if quick else [2, 3]):
+        via_hatun = report.figure(f"throughput/{n}", f"through hatun's route over {n} tunnels", "Mbit/s")
+        by_hand = report.figure(f"throughput/{n}", f"hand-written multipath route over the same {n} tunnels", "Mbit/s")
+        ratio = report.figure(f"throughput/{n}", "hatun / hand-written", "ratio", ">= 0.97")
+        single = report.figure(f"throughput/{n}", "one tunnel alone", "Mbit/s")
+        for _ in range(runs):
+            async with _Scene(n, backend, top={"keep_on_exit": "true"}) as s:
+                lab = s.lab
+                server = subprocess.Popen(["ip", "netns", "exec", lab.lan, "iperf3", "-s", "-B", topology.SERVICE],
+                                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                try:
+                    await trio.sleep(0.5)
+                    a = await _thread(_iperf, lab, seconds)
+                    # hatun leaves its tunnels (keep_on_exit); its route and rules make way for one by hand.
+                    await _thread(lambda: s.hatun.stop(timeout=30))
+                    _hand_route(lab, [lab.runner_ifname(i) for i in range(1, n + 1)])
+                    b = await _thread(_iperf, lab, seconds)
+                    _hand_route(lab, [lab.runner_ifname(1)])
+                    c = await _thread(_iperf, lab, seconds)
+                finally:
+                    server.send_signal(signal.SIGTERM)
+                    server.wait(timeout=10)
+                via_hatun.values.append(a)
+                by_hand.values.append(b)
+                ratio.values.append(a / b if b else 0.0)
+                single.values.append(c)
+
+
+def _hand_route(lab: Lab, ifnames: list[str]) -> None:
+    """Replace hatun's steering with a plain multipath route in the main table, as one would by hand."""
+    script = ["nft delete table inet hatun 2>/dev/null; true"]
+    script += [f"ip rule del pref {p} 2>/dev/null; ip rule del pref {p} 2>/dev/null; ip rule del pref {p} 2>/dev/null; true"
+               for p in (5200, 5201, 5202)]
+    hops = " ".join(f"nexthop dev {i}" for i in ifnames)
+    script.append(f"ip route replace 198.19.77.0/24 {hops} src {topology.SOURCE}")
+    subprocess.run(["ip", "netns", "exec", lab.runner, "sh", "-c", "; ".join(script)], check=True, timeout=30)
+
+
+def _proc_cpu_seconds(pid: int) -> float:
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def _peak_rss_mib(pid: int) -> float:
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    return 0.0
+
+
+async def bench_scale(report: Report, backend: str, runs: int, quick: bool) -> None:
+    sizes = [4] if quick else [4, 32, 128]
+    measure = 3.0 if quick else 10.0
+    for n in sizes:
+        cpu = report.figure(f"scale/{n}", "hatun CPU, probes every 100 ms", "% of a core", "< 3" if n == 32 else "")
+        rss = report.figure(f"scale/{n}", "hatun peak RSS", "MiB", "< 100" if n == 32 else "")
+        ready = report.figure(f"scale/{n}", "start -> all tunnels in service", "s", "< 3" if n == 32 else "")
+        for _ in range(runs):
+            lab = await _lab_op(topology.lab_up, _lab_name(), n, backend, False)
+            hatun = HatunProcess(lab, args=("--log-level", "warning"))
+            try:
+                t0 = time.monotonic()
+                await _thread(lambda: hatun.start(wait_ready=False))
+                await _thread(lambda: hatun.wait(lambda s: len(s["route"]["members"]) == n, 120, "all in service", 0.02))
+                ready.values.append(time.monotonic() - t0)
+                await trio.sleep(2.0)  # settle
+                pid = hatun.pid
+                c0, w0 = _proc_cpu_seconds(pid), time.monotonic()
+                await trio.sleep(measure)
+                cpu.values.append(100 * (_proc_cpu_seconds(pid) - c0) / (time.monotonic() - w0))
+                rss.values.append(_peak_rss_mib(pid))
+            finally:
+                with trio.CancelScope(shield=True):
+                    try:
+                        await _thread(lambda: hatun.stop(timeout=60))
+                    except AssertionError:
+                        pass
+                    await _lab_op(topology.lab_down, lab.name)
+
+
+RUNNERS: dict[str, Callable] = {
+    "failover": bench_failover, "drain": bench_drain, "restart": bench_restart, "weights": bench_weights,
+    "throughput": bench_throughput, "scale": bench_scale,
+}
+
+
+async def run_bench(scenarios: list[str], *, runs: int, quick: bool, backend: str = "auto",
+                    progress: Callable[[str], None] = lambda s: None) -> Report:
+    """Run SCENARIOS (all when empty) RUNS times each; QUICK: small sizes (a smoke run for CI)."""
+    from hatun.wireguard import select_backend
+
+    topology.require_root()
+    kind = await select_backend(backend)
+    report = Report(machine_info(kind))
+    for name in scenarios or list(SCENARIOS):
+        if name not in RUNNERS:
+            raise topology.LabError(f"unknown scenario {name!r}: choose from {', '.join(SCENARIOS)}")
+        progress(f"bench: {name} ({runs} run{'s' if runs != 1 else ''})")
+        t0 = time.monotonic()
+        await RUNNERS[name](report, kind, runs, quick)
+        progress(f"bench: {name} done in {time.monotonic() - t0:.0f} s")
+    return report

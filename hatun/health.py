@@ -7,6 +7,7 @@ whatever the caller uses (Trio's clock in the supervisor, plain numbers in tests
 from __future__ import annotations
 
 import enum
+from bisect import bisect_left
 from collections import deque
 from dataclasses import dataclass
 
@@ -23,6 +24,8 @@ class State(str, enum.Enum):
 
 LOSS_WINDOW = 20  # probes over which the loss ratio is computed
 RTT_ALPHA = 0.2  # weight of a new sample in the RTT moving average (like TCP's SRTT: 1/8..1/4)
+# Upper bounds (seconds) of the RTT histogram's buckets; the metrics export it as it is.
+RTT_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
 
 
 @dataclass(frozen=True)
@@ -52,6 +55,10 @@ class TunnelHealth:
         self.last_failure: str | None = None
         self.probes_ok = 0
         self.probes_failed = 0
+        # RTT histogram: counts per bucket of RTT_BUCKETS (and one for +Inf), and the sum. Plain
+        # integers: a probe result costs a bisect, not a metrics library call.
+        self.rtt_counts = [0] * (len(RTT_BUCKETS) + 1)
+        self.rtt_sum = 0.0
 
     @property
     def loss(self) -> float:
@@ -75,6 +82,8 @@ class TunnelHealth:
             self.successes += 1
             self.failures = 0
             if rtt is not None:
+                self.rtt_counts[bisect_left(RTT_BUCKETS, rtt)] += 1
+                self.rtt_sum += rtt
                 self.rtt_last = rtt
                 self.rtt_avg = rtt if self.rtt_avg is None else (1 - RTT_ALPHA) * self.rtt_avg + RTT_ALPHA * rtt
             if self.health is not State.UP and self.successes >= self.rise:

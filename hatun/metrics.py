@@ -1,8 +1,10 @@
 """Prometheus metrics and the HTTP endpoint: /metrics, /healthz (alive), /readyz (a tunnel in service).
 
-hatun's own behaviour (probes, transitions) is instrumented directly as it happens; the state of
-WireGuard (byte counters, handshakes) is read fresh from the devices at scrape time by a custom
-collector, so throughput per tunnel is exactly what WireGuard counted.
+hatun's own behaviour (probes, RTTs, transitions, reloads, repairs) is counted as it happens, in plain
+integers of its own objects (a probe result must cost next to nothing: hundreds arrive each second),
+and exported from there; the state of WireGuard (byte counters, handshakes) is read fresh from the
+devices at scrape time, so throughput per tunnel is exactly what WireGuard counted. One custom
+collector yields it all.
 """
 
 from __future__ import annotations
@@ -11,74 +13,32 @@ import logging
 
 import h11
 import trio
-from prometheus_client import CollectorRegistry, Counter, Histogram
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client import CollectorRegistry
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 from prometheus_client.exposition import choose_encoder
 
 from hatun import __version__
-from hatun.health import State
+from hatun.health import RTT_BUCKETS, State
 
 log = logging.getLogger("hatun.metrics")
 
-RTT_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
 STATES = [str(s) for s in State]
 TRANSITION_TARGETS = ("up", "down", "draining")
 REQUEST_TIMEOUT = 10.0
 
 
 class Metrics:
-    """The registry of one supervisor: direct instruments plus a scrape-time collector."""
+    """The registry of one supervisor, with the collector that reads it at scrape time."""
 
     def __init__(self, sup) -> None:
         self.sup = sup
         self.registry = CollectorRegistry(auto_describe=True)
-        self.rtt = Histogram("hatun_tunnel_probe_rtt_seconds", "Round-trip time of probes through the tunnel",
-                             ["tunnel"], buckets=RTT_BUCKETS, registry=self.registry)
-        self.probes = Counter("hatun_tunnel_probes", "Probes sent through the tunnel, by result",
-                              ["tunnel", "result"], registry=self.registry)
-        self.transitions = Counter("hatun_tunnel_transitions", "State changes of the tunnel, by new state",
-                                   ["tunnel", "to"], registry=self.registry)
-        self._known: set[str] = set()
         self.registry.register(_StateCollector(sup))
-        sup.events_listeners.append(self._on_event)
-
-    def _ensure(self, name: str) -> None:
-        # Every series exists from the start (at 0), so rate() and increase() see the first event.
-        if name not in self._known:
-            self._known.add(name)
-            for result in ("success", "failure"):
-                self.probes.labels(name, result)
-            for to in TRANSITION_TARGETS:
-                self.transitions.labels(name, to)
-            self.rtt.labels(name)
-
-    def forget_removed(self) -> None:
-        for name in list(self._known - set(self.sup.tunnels)):
-            self._known.discard(name)
-            for result in ("success", "failure"):
-                self.probes.remove(name, result)
-            for to in TRANSITION_TARGETS:
-                self.transitions.remove(name, to)
-            self.rtt.remove(name)
-
-    def _on_event(self, kind: str, rt, *args) -> None:
-        self._ensure(rt.name)
-        if kind == "probe":
-            ok, rtt = args
-            self.probes.labels(rt.name, "success" if ok else "failure").inc()
-            if ok and rtt is not None:
-                self.rtt.labels(rt.name).observe(rtt)
-        elif kind == "transition":
-            state = str(args[0])
-            if state in TRANSITION_TARGETS:
-                self.transitions.labels(rt.name, state).inc()
 
     async def render(self, accept: str | None) -> tuple[bytes, str]:
         """The exposition for a scrape: WireGuard counters are read fresh first."""
         for rt in list(self.sup.tunnels.values()):
-            self._ensure(rt.name)
             await self.sup.read_status(rt)
-        self.forget_removed()
         encoder, content_type = choose_encoder(accept or "")
         return encoder(self.registry), content_type
 
@@ -116,6 +76,24 @@ class _StateCollector:
             weight.add_metric([name], float(t["weight"]))
             cweight.add_metric([name], float(t["configured_weight"]))
         yield from (up, state, rx, tx, hs, loss, weight, cweight)
+        probes = CounterMetricFamily("hatun_tunnel_probes", "Probes sent through the tunnel, by result",
+                                     labels=["tunnel", "result"])
+        rtt = HistogramMetricFamily("hatun_tunnel_probe_rtt_seconds", "Round-trip time of probes through the tunnel",
+                                    labels=["tunnel"])
+        transitions = CounterMetricFamily("hatun_tunnel_transitions", "State changes of the tunnel, by new state",
+                                          labels=["tunnel", "to"])
+        for rt in list(sup.tunnels.values()):
+            h = rt.health
+            probes.add_metric([rt.name, "success"], float(h.probes_ok))
+            probes.add_metric([rt.name, "failure"], float(h.probes_failed))
+            buckets, total = [], 0
+            for bound, count in zip((*RTT_BUCKETS, float("inf")), h.rtt_counts):
+                total += count
+                buckets.append(("+Inf" if bound == float("inf") else repr(bound), float(total)))
+            rtt.add_metric([rt.name], buckets, h.rtt_sum)
+            for to in TRANSITION_TARGETS:
+                transitions.add_metric([rt.name, to], float(rt.transitions.get(to, 0)))
+        yield from (probes, rtt, transitions)
         in_service = GaugeMetricFamily("hatun_route_tunnels_in_service", "Tunnels carrying new flows")
         in_service.add_metric([], float(len(snap["route"]["members"]) if not snap["route"]["all_down"] else 0))
         yield in_service

@@ -1,33 +1,46 @@
 """Probes pinned to one tunnel: ICMP echo or TCP connect, sent through that tunnel's device only.
 
-Every probe socket is bound to the tunnel device (SO_BINDTODEVICE), so it leaves through that
-tunnel whatever the routes say: also while the tunnel is out of the route (so recovery is seen),
-never via another tunnel or the underlay.
+One `ProbeEngine` serves every tunnel, because per-tunnel sockets and timers cost a wakeup each:
+- ICMP: one raw socket per address family for all tunnels. Each probe names its tunnel's device in
+  IP_PKTINFO / IPV6_PKTINFO, which pins it to that device exactly like SO_BINDTODEVICE (it leaves
+  through that tunnel whatever the routes say: also while the tunnel is out of the route, never via
+  another tunnel or the underlay). A reply counts only when it came in through that same device
+  (its ifindex, from the reply's PKTINFO) with that tunnel's echo identifier.
+- TCP: a connect per probe, from a socket bound to the device; it succeeds on the SYN-ACK.
+- Timers: one task sends every tunnel's probes in batches (one per shortest interval), reads the
+  replies, and times out and rechecks outstanding probes; while all is well it wakes twice per
+  interval (to send, and to see the replies), whatever the number of tunnels.
 
-`run_probes` is the scheduler: one probe every `interval` (with jitter), each failing after
-`timeout`, results reported in the order they complete. When the oldest outstanding probe is
-overdue (no reply after several round-trip times) one extra probe goes out at once, so that a dead
-path reaches `fall` failures sooner than the next regular probe would allow; timeouts keep their
-meaning (a probe fails only after `timeout`).
+Per tunnel: one probe every `interval` (with jitter), each failing after `timeout`, results reported
+in the order they complete. When the oldest outstanding probe is overdue (no reply after several
+average round trips) one extra probe goes out at once, so that a dead path reaches `fall` failures
+sooner than the next regular probe would allow; timeouts keep their meaning.
 """
 
 from __future__ import annotations
 
 import errno
+import heapq
 import ipaddress
+import itertools
 import logging
+import math
 import os
 import random
 import socket
 import struct
-from collections.abc import Callable
-from typing import Protocol
+import time
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
 
 import trio
 
 log = logging.getLogger("hatun.probes")
 
 SO_BINDTODEVICE = getattr(socket, "SO_BINDTODEVICE", 25)
+IP_PKTINFO = 8
+IPV6_RECVPKTINFO = 49
+IPV6_PKTINFO = 50
 SOL_RAW = 255
 ICMP_FILTER = 1  # linux/icmp.h: a bitmask of ICMP types to DROP on a raw socket
 ICMP6_FILTER = 1
@@ -35,43 +48,31 @@ ECHO_REPLY_V4, ECHO_REQUEST_V4 = 0, 8
 ECHO_REQUEST_V6, ECHO_REPLY_V6 = 128, 129
 RECHECK_RTTS = 4  # an outstanding probe is overdue after this many average round trips
 RECHECK_FLOOR = 0.02  # ... but never sooner than this (seconds)
+# One task does everything, and wakes as rarely as it can: a wakeup costs 50-300 us of CPU (epoll,
+# timers and Trio's deadline machinery), far more than the work of a probe. So every probe due within
+# the shortest interval goes out in one batch (each tunnel still probes once per interval: the
+# batches settle on that rhythm), and the task wakes again only when a probe is overdue (for a
+# recheck) or times out: while all is well, twice per interval.
+MIN_GAP = 0.005  # never wakes sooner than this after the previous wakeup
+MAX_SLEEP = 1.0  # it looks again at least this often
+SO_TIMESTAMPNS = 35
+PAYLOAD = b"hatun-probe\0"  # an even length: its checksum words are summed once
+PAYLOAD_SUM = sum(struct.unpack(f"!{len(PAYLOAD) // 2}H", PAYLOAD))
+_ECHO = struct.Struct("!BBHHH")
 
 OnResult = Callable[[bool, "float | None", "str | None"], None]
 
 
-class Transport(Protocol):
-    """Sends probe SEQ and reports replies as (seq, ok, reason) on `replies`."""
-
-    replies: trio.MemoryReceiveChannel
-
-    async def open(self, nursery: trio.Nursery) -> None: ...
-
-    def send(self, seq: int) -> str | None:
-        """Send probe SEQ now; return a failure reason when it could not even be sent."""
-
-    def close(self) -> None: ...
-
-
-def _checksum(data: bytes) -> int:
-    if len(data) % 2:
-        data += b"\0"
-    s = sum(struct.unpack(f"!{len(data) // 2}H", data))
+def _echo_checksum(ident: int, seq: int, payload_sum: int, echo_type: int) -> int:
+    """The ICMP checksum of an echo message: type/code, identifier, sequence and the payload's
+    16-bit words (summed once, PAYLOAD_SUM) added up, carries folded, complemented."""
+    s = (echo_type << 8) + ident + seq + payload_sum
     s = (s >> 16) + (s & 0xFFFF)
     s += s >> 16
     return ~s & 0xFFFF
 
 
-def _bound_socket(family: int, type_: int, proto: int, ifname: str) -> socket.socket:
-    sock = socket.socket(family, type_ | socket.SOCK_NONBLOCK | socket.SOCK_CLOEXEC, proto)
-    try:
-        sock.setsockopt(socket.SOL_SOCKET, SO_BINDTODEVICE, ifname.encode())
-    except OSError:
-        sock.close()
-        raise
-    return sock
-
-
-def _send_error_reason(e: OSError) -> str:
+def _error_reason(e: OSError) -> str:
     if e.errno in (errno.ENODEV, errno.ENXIO):
         return "tunnel device missing"
     if e.errno in (errno.ENETUNREACH, errno.EHOSTUNREACH):
@@ -81,118 +82,317 @@ def _send_error_reason(e: OSError) -> str:
     return os.strerror(e.errno or 0) or str(e)
 
 
-class IcmpTransport:
-    """ICMP echo through one device: a raw socket bound to it, replies matched by identifier."""
+class ProbeStream:
+    """One tunnel's probes: settings, outstanding probes, and where results go."""
 
-    def __init__(self, ifname: str, target: ipaddress.IPv4Address | ipaddress.IPv6Address) -> None:
-        self.ifname = ifname
-        self.target = target
-        self.ident = random.randrange(1, 0xFFFF)
-        self._send, self.replies = trio.open_memory_channel(64)
-        self._sock: socket.socket | None = None
+    def __init__(self, key: str, *, interval: float, timeout: float, jitter: float, on_result: OnResult,
+                 rtt_hint: Callable[[], float | None] = lambda: None) -> None:
+        self.key = key
+        self.interval, self.timeout, self.jitter = interval, timeout, jitter
+        self.on_result = on_result
+        self.rtt_hint = rtt_hint
+        self.sender: Callable[[int], str | None] = lambda seq: "not started"
+        self.pending: dict[int, tuple[float, float]] = {}  # seq -> (send time on Trio's clock, wall clock)
+        self.seq = 0
+        self.rechecked_upto = 0  # an extra probe went out for every pending probe up to this seq
+        self.generation = 0  # bumped when settings change: older SEND events are void
+        self.removed = False
+        self.ident: tuple[int, int] | None = None  # (IP version, ICMP echo identifier)
+        self.ifindex: int | None = None  # the tunnel device's index (None: missing, probes fail)
 
-    async def open(self, nursery: trio.Nursery) -> None:
-        v6 = self.target.version == 6
-        if v6:
-            sock = _bound_socket(socket.AF_INET6, socket.SOCK_RAW, socket.IPPROTO_ICMPV6, self.ifname)
-            # Let only echo replies through: struct icmp6_filter is 8 x u32, a set bit BLOCKS that type.
+
+class Scheduler:
+    """The timers of many probe streams, in one task that wakes as rarely as it can.
+
+    Only the next send of each stream is a heap entry; timeouts and rechecks are found by looking
+    at the oldest outstanding probe of each stream that has one, on every wakeup (cheaper than an
+    entry per probe). Replies are read by `poll()` (set by the engine) on every wakeup: they wait in
+    the socket buffer until then, and their RTT comes from the kernel's receive timestamp, so the
+    wait costs no accuracy; before a probe is declared lost the socket is read."""
+
+    def __init__(self, rng: random.Random | None = None) -> None:
+        self.rng = rng or random.Random()
+        self._heap: list[tuple[float, int, ProbeStream, int]] = []  # next sends
+        self._counter = itertools.count()
+        self._outstanding: set[ProbeStream] = set()  # streams with probes awaiting a reply
+        self._wake = trio.Event()
+        self._wake_at = math.inf  # when the timer task plans to look next
+        self.batch = MAX_SLEEP  # sends due within this long go out together (early); the shortest interval
+        self.jitter = 0.0  # the batches' period varies by this share (the largest jitter of a stream)
+        self._next_batch = -math.inf
+        # Reads the replies waiting in the sockets; called on every wakeup, before timeouts are judged.
+        self.poll: Callable[[], None] = lambda: None
+
+    def _push(self, when: float, stream: ProbeStream, generation: int) -> None:
+        heapq.heappush(self._heap, (when, next(self._counter), stream, generation))
+        if when < self._wake_at:
+            self._wake.set()  # e.g. a new stream: look now rather than at the planned time
+
+    def start(self, stream: ProbeStream, first: float | None = None) -> None:
+        """Begin probing STREAM (again, with its current settings); the first probe at FIRST (default: now)."""
+        stream.removed = False
+        stream.generation += 1
+        self.batch = min(self.batch, max(MIN_GAP, stream.interval))
+        self.jitter = max(self.jitter, stream.jitter)
+        self._push(trio.current_time() if first is None else first, stream, stream.generation)
+
+    def stop(self, stream: ProbeStream) -> None:
+        stream.removed = True
+        stream.pending.clear()
+        self._outstanding.discard(stream)
+
+    def reply(self, stream: ProbeStream, seq: int, ok: bool = True, reason: str | None = None,
+              received_wall: float | None = None) -> None:
+        """A probe of STREAM completed (a reply, or a definite failure such as a refused connection).
+        RECEIVED_WALL: the kernel's receive time (wall clock), for an RTT unaffected by our delays."""
+        pending = stream.pending
+        sent = pending.pop(seq, None)
+        if not pending:
+            self._outstanding.discard(stream)
+        if sent is None or stream.removed:
+            return
+        if not ok:
+            stream.on_result(False, None, reason)
+        elif received_wall is not None:
+            stream.on_result(True, max(0.0, received_wall - sent[1]), None)
+        else:
+            stream.on_result(True, trio.current_time() - sent[0], None)
+
+    def _fire(self, stream: ProbeStream, now: float, wall: float) -> None:
+        seq = stream.seq = stream.seq + 1 if stream.seq < 0xFFFF else 1
+        failure = stream.sender(seq)
+        if failure is not None:
+            stream.on_result(False, None, failure)
+            return
+        stream.pending[seq] = (now, wall)
+        self._outstanding.add(stream)
+
+    def _check_outstanding(self, now: float) -> float:
+        """Time out and recheck outstanding probes; return when this must be done next."""
+        next_due = math.inf
+        for stream in tuple(self._outstanding):
+            pending, timeout = stream.pending, stream.timeout
+            while pending:  # oldest first: sequence numbers go up with time
+                seq = next(iter(pending))
+                sent = pending[seq][0]
+                if now < sent + timeout:
+                    break
+                del pending[seq]
+                stream.on_result(False, None, "timeout")
+            if not pending or stream.removed:
+                self._outstanding.discard(stream)
+                continue
+            due = sent + timeout
+            if seq != stream.rechecked_upto and _seq_after(seq, stream.rechecked_upto) \
+                    and (rtt := stream.rtt_hint()) is not None:
+                overdue = max(RECHECK_RTTS * rtt, RECHECK_FLOOR)
+                if overdue < stream.timeout and overdue < stream.interval * (1 - stream.jitter):
+                    if now >= sent + overdue:
+                        self._fire(stream, now, time.time())
+                        stream.rechecked_upto = stream.seq
+                    else:
+                        due = min(due, sent + overdue)
+            next_due = min(next_due, due)
+        return next_due
+
+    def run_due(self, now: float) -> float:
+        """Read replies; time out and recheck (never early); send what is due within a batch (early).
+        Returns when something is due next."""
+        self.poll()
+        heap = self._heap
+        due = self._check_outstanding(now)
+        if heap and heap[0][0] <= now + (self.batch if now >= self._next_batch else 0.0):
+            # The jitter goes on the batches: probe times vary, and no stream drifts out of its batch.
+            jitter = self.rng.uniform(-self.jitter, self.jitter) if self.jitter else 0.0
+            self._next_batch = now + self.batch * (1 + jitter) - MIN_GAP
+            later = []  # each stream's next send, pushed after the batch: one probe per stream per batch
+            wall = time.time()
+            while heap and heap[0][0] < now + self.batch:
+                when, _, stream, generation = heapq.heappop(heap)
+                if stream.removed or generation != stream.generation:
+                    continue  # stopped, or settings changed since: a newer chain of sends runs
+                self._fire(stream, now, wall)
+                later.append((max(when, now - self.batch) + stream.interval, stream, generation))
+            for item in later:
+                self._push(*item)
+            # The probes just sent: a look when the first may be overdue (or its precise time then).
+            due = min(due, now + RECHECK_FLOOR)
+        send_due = max(heap[0][0], self._next_batch) if heap else math.inf
+        return min(due, send_due)
+
+    async def run(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
+        """Handle timer events forever (cancel to stop)."""
+        task_status.started()
+        while True:
+            now = trio.current_time()
+            self._wake_at = math.inf  # sends pushed while handling are seen below
+            after = self.run_due(now)
+            self._wake_at = min(max(after, now + MIN_GAP), now + MAX_SLEEP)
+            self._wake = trio.Event()
+            with trio.move_on_at(self._wake_at):
+                await self._wake.wait()
+
+
+def _seq_after(a: int, b: int) -> bool:
+    """Sequence numbers wrap at 16 bits: is A newer than B?"""
+    return a != b and ((a - b) & 0xFFFF) < 0x8000
+
+
+class _IcmpSocket:
+    """The raw ICMP socket of one address family, shared by every tunnel."""
+
+    def __init__(self, version: int) -> None:
+        self.version = version
+        if version == 6:
+            sock = socket.socket(socket.AF_INET6, socket.SOCK_RAW | socket.SOCK_NONBLOCK | socket.SOCK_CLOEXEC,
+                                 socket.IPPROTO_ICMPV6)
+            # struct icmp6_filter: 8 x u32, a set bit BLOCKS that type; let echo replies through.
             blocks = [0xFFFFFFFF] * 8
             blocks[ECHO_REPLY_V6 >> 5] &= ~(1 << (ECHO_REPLY_V6 & 31))
             sock.setsockopt(socket.IPPROTO_ICMPV6, ICMP6_FILTER, struct.pack("8I", *blocks))
+            sock.setsockopt(socket.IPPROTO_IPV6, IPV6_RECVPKTINFO, 1)
         else:
-            sock = _bound_socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_ICMP, self.ifname)
-            sock.setsockopt(SOL_RAW, ICMP_FILTER,
-                            struct.pack("I", ~(1 << ECHO_REPLY_V4) & 0xFFFFFFFF))
-        self._sock = sock
-        nursery.start_soon(self._receive_loop)
+            sock = socket.socket(socket.AF_INET, socket.SOCK_RAW | socket.SOCK_NONBLOCK | socket.SOCK_CLOEXEC,
+                                 socket.IPPROTO_ICMP)
+            sock.setsockopt(SOL_RAW, ICMP_FILTER, struct.pack("I", ~(1 << ECHO_REPLY_V4) & 0xFFFFFFFF))
+            sock.setsockopt(socket.IPPROTO_IP, IP_PKTINFO, 1)
+        # The kernel's receive time of each reply: RTTs are exact however late we read them.
+        sock.setsockopt(socket.SOL_SOCKET, SO_TIMESTAMPNS, 1)
+        self.sock = sock
 
-    def send(self, seq: int) -> str | None:
-        assert self._sock is not None
-        v6 = self.target.version == 6
-        payload = b"hatun-probe" + struct.pack("!I", seq)
-        icmp_type = ECHO_REQUEST_V6 if v6 else ECHO_REQUEST_V4
-        header = struct.pack("!BBHHH", icmp_type, 0, 0, self.ident, seq & 0xFFFF)
-        # The kernel fills the ICMPv6 checksum (it needs the pseudo header); ICMPv4 is ours to do.
-        if not v6:
-            header = struct.pack("!BBHHH", icmp_type, 0, _checksum(header + payload), self.ident, seq & 0xFFFF)
+    def pktinfo(self, ifindex: int) -> list[tuple[int, int, bytes]]:
+        """The ancillary data that sends a packet out of device IFINDEX (computed once per device)."""
+        if self.version == 6:
+            return [(socket.IPPROTO_IPV6, IPV6_PKTINFO, struct.pack("16sI", b"\0" * 16, ifindex))]
+        return [(socket.IPPROTO_IP, IP_PKTINFO, struct.pack("I4s4s", ifindex, b"\0" * 4, b"\0" * 4))]
+
+    def send(self, pktinfo: list, address: tuple[str, int], ident: int, seq: int) -> str | None:
+        if self.version == 6:
+            message = _ECHO.pack(ECHO_REQUEST_V6, 0, 0, ident, seq) + PAYLOAD  # the kernel sums ICMPv6
+        else:
+            message = _ECHO.pack(ECHO_REQUEST_V4, 0, _echo_checksum(ident, seq, PAYLOAD_SUM, ECHO_REQUEST_V4),
+                                 ident, seq) + PAYLOAD
         try:
-            self._sock.sendto(header + payload, (str(self.target), 0))
+            self.sock.sendmsg([message], pktinfo, 0, address)
         except BlockingIOError:
             return "send buffer full"
         except OSError as e:
-            return _send_error_reason(e)
+            return _error_reason(e)
         return None
 
-    async def _receive_loop(self) -> None:
-        assert self._sock is not None
-        sock, v6 = self._sock, self.target.version == 6
+    def receive(self) -> list[tuple[int, int, int, float | None]]:
+        """Everything waiting on the socket: (ifindex, ident, seq, kernel receive time) of each echo reply."""
+        out = []
         while True:
-            await trio.lowlevel.wait_readable(sock)
-            while True:
-                try:
-                    data, addr = sock.recvfrom(2048)
-                except BlockingIOError:
-                    break
-                except OSError as e:  # e.g. the device went away; the scheduler sees timeouts
-                    log.debug("%s: probe receive: %s", self.ifname, e)
-                    await trio.sleep(0.05)
-                    break
-                if not v6:
-                    data = data[(data[0] & 0x0F) * 4:] if data else b""
-                if len(data) < 8 or addr[0].split("%")[0] != str(self.target):
-                    continue
-                icmp_type, _, _, ident, seq = struct.unpack("!BBHHH", data[:8])
-                if icmp_type == (ECHO_REPLY_V6 if v6 else ECHO_REPLY_V4) and ident == self.ident:
-                    try:
-                        self._send.send_nowait((seq, True, None))
-                    except trio.WouldBlock:
-                        pass
-
-    def close(self) -> None:
-        if self._sock is not None:
-            self._sock.close()
-            self._sock = None
+            try:
+                data, anc, _, _ = self.sock.recvmsg(512, 256)
+            except BlockingIOError:
+                return out
+            except OSError as e:
+                log.debug("probe receive: %s", e)
+                return out
+            if self.version == 4:
+                data = data[(data[0] & 0x0F) * 4:] if data else b""
+            if len(data) < 8 or data[0] != (ECHO_REPLY_V6 if self.version == 6 else ECHO_REPLY_V4):
+                continue
+            ifindex, stamp = 0, None
+            for level, ctype, cdata in anc:
+                if level == socket.SOL_SOCKET and ctype == SO_TIMESTAMPNS:
+                    sec, nsec = struct.unpack_from("qq", cdata)
+                    stamp = sec + nsec / 1e9
+                elif ctype == (IPV6_PKTINFO if self.version == 6 else IP_PKTINFO):
+                    ifindex = struct.unpack_from("I", cdata, 16 if self.version == 6 else 0)[0]
+            _, _, _, ident, seq = struct.unpack_from("!BBHHH", data)
+            out.append((ifindex, ident, seq, stamp))
 
 
-class TcpTransport:
-    """TCP connect through one device: a probe succeeds when the SYN is answered by a SYN-ACK."""
+class ProbeEngine:
+    """Every tunnel's probes, with one timer task and one ICMP socket per family.
 
-    def __init__(self, ifname: str, target: ipaddress.IPv4Address | ipaddress.IPv6Address, port: int, timeout: float) -> None:
-        self.ifname = ifname
-        self.target = target
-        self.port = port
-        self.timeout = timeout
-        self._send, self.replies = trio.open_memory_channel(64)
-        self._nursery: trio.Nursery | None = None
+    `async with open_probe_engine() as engine:` then `engine.add_icmp(...)` / `engine.add_tcp(...)`
+    per tunnel, `engine.remove(stream)` when done.
+    """
 
-    async def open(self, nursery: trio.Nursery) -> None:
+    def __init__(self, nursery: trio.Nursery, rng: random.Random | None = None) -> None:
         self._nursery = nursery
+        self.scheduler = Scheduler(rng)
+        self.scheduler.poll = self._drain_all
+        self._icmp: dict[int, _IcmpSocket] = {}
+        self._by_ident: dict[tuple[int, int], ProbeStream] = {}
+        self._rng = rng or random.Random()
 
-    def send(self, seq: int) -> str | None:
-        assert self._nursery is not None
-        family = socket.AF_INET6 if self.target.version == 6 else socket.AF_INET
-        try:
-            sock = _bound_socket(family, socket.SOCK_STREAM, 0, self.ifname)
-        except OSError as e:
-            return _send_error_reason(e)
-        self._nursery.start_soon(self._connect, seq, sock)
-        return None
+    def _icmp_socket(self, version: int) -> _IcmpSocket:
+        if version not in self._icmp:
+            self._icmp[version] = _IcmpSocket(version)
+        return self._icmp[version]
 
-    async def _connect(self, seq: int, raw: socket.socket) -> None:
+    def _drain(self, s: _IcmpSocket) -> None:
+        by_ident, version, reply = self._by_ident, s.version, self.scheduler.reply
+        for ifindex, ident, seq, stamp in s.receive():
+            stream = by_ident.get((version, ident))
+            # Only a reply through the probed tunnel counts: its device, its identifier.
+            if stream is not None and stream.ifindex == ifindex:
+                reply(stream, seq, received_wall=stamp)
+
+    def _drain_all(self) -> None:
+        for s in self._icmp.values():
+            self._drain(s)
+
+    def add_icmp(self, stream: ProbeStream, target: ipaddress.IPv4Address | ipaddress.IPv6Address,
+                 ifindex: int | None) -> ProbeStream:
+        """Probe TARGET with ICMP echo through device IFINDEX (None: missing, the probes fail; keep
+        `stream.ifindex` current when the device changes). Raises OSError (no CAP_NET_RAW)."""
+        s = self._icmp_socket(target.version)
+        ident = self._rng.randrange(1, 0xFFFF)
+        while (target.version, ident) in self._by_ident:
+            ident = self._rng.randrange(1, 0xFFFF)
+        self._by_ident[(target.version, ident)] = stream
+        stream.ident = (target.version, ident)
+        stream.ifindex = ifindex
+        address = (str(target), 0)
+        cached: list = [None, None]  # (ifindex, its ancillary data)
+
+        def send(seq: int) -> str | None:
+            index = stream.ifindex
+            if index is None:
+                return "tunnel device missing"
+            if cached[0] != index:
+                cached[:] = [index, s.pktinfo(index)]
+            return s.send(cached[1], address, ident, seq)
+
+        stream.sender = send
+        self.scheduler.start(stream, trio.current_time() + self._rng.uniform(0, stream.interval))
+        return stream
+
+    def add_tcp(self, stream: ProbeStream, target: ipaddress.IPv4Address | ipaddress.IPv6Address, port: int,
+                ifname: str) -> ProbeStream:
+        """Probe with a TCP connect to TARGET:PORT from a socket bound to device IFNAME."""
+        family = socket.AF_INET6 if target.version == 6 else socket.AF_INET
+
+        def send(seq: int) -> str | None:
+            try:
+                raw = socket.socket(family, socket.SOCK_STREAM | socket.SOCK_NONBLOCK | socket.SOCK_CLOEXEC)
+                raw.setsockopt(socket.SOL_SOCKET, SO_BINDTODEVICE, ifname.encode())
+            except OSError as e:
+                return _error_reason(e)
+            self._nursery.start_soon(self._connect, stream, seq, raw, (str(target), port))
+            return None
+
+        stream.sender = send
+        self.scheduler.start(stream, trio.current_time() + self._rng.uniform(0, stream.interval))
+        return stream
+
+    async def _connect(self, stream: ProbeStream, seq: int, raw: socket.socket, address: tuple[str, int]) -> None:
         sock = trio.socket.from_stdlib_socket(raw)
         try:
-            with trio.move_on_after(self.timeout):
+            with trio.move_on_after(stream.timeout):
                 try:
-                    await sock.connect((str(self.target), self.port))
-                    result = (seq, True, None)
+                    await sock.connect(address)
+                    self.scheduler.reply(stream, seq, True)
                 except ConnectionRefusedError:
-                    result = (seq, False, "connection refused")
+                    self.scheduler.reply(stream, seq, False, "connection refused")
                 except OSError as e:
-                    result = (seq, False, _send_error_reason(e))
-                try:
-                    self._send.send_nowait(result)
-                except trio.WouldBlock:
-                    pass
+                    self.scheduler.reply(stream, seq, False, _error_reason(e))
         finally:
             # Close with RST (linger 0): a probe leaves no TIME_WAIT behind.
             try:
@@ -201,90 +401,25 @@ class TcpTransport:
                 pass
             sock.close()
 
+    def remove(self, stream: ProbeStream) -> None:
+        self.scheduler.stop(stream)
+        if stream.ident is not None and self._by_ident.get(stream.ident) is stream:
+            del self._by_ident[stream.ident]
+
     def close(self) -> None:
-        pass
+        for s in self._icmp.values():
+            s.sock.close()
+        self._icmp.clear()
 
 
-async def run_probes(
-    transport: Transport,
-    *,
-    interval: float,
-    timeout: float,
-    jitter: float,
-    on_result: OnResult,
-    rtt_hint: Callable[[], float | None] = lambda: None,
-    rng: random.Random | None = None,
-    task_status=trio.TASK_STATUS_IGNORED,
-) -> None:
-    """Probe forever through TRANSPORT, reporting each probe's result to ON_RESULT(ok, rtt, reason).
-
-    RTT_HINT gives the current average round trip (for the overdue check). Never returns; cancel it
-    to stop. Raises OSError only when the transport cannot be opened at all.
-    """
-    rng = rng or random.Random()
-    pending: dict[int, float] = {}  # seq -> send time
-    seq = 0
-    rechecked_upto = 0  # an extra probe was already sent for every pending probe up to this seq
-
+@asynccontextmanager
+async def open_probe_engine(rng: random.Random | None = None) -> AsyncIterator[ProbeEngine]:
+    """A ProbeEngine whose tasks (timers, receivers, TCP connects) end with the block."""
     async with trio.open_nursery() as nursery:
-        await transport.open(nursery)
-        task_status.started()
-
-        async def replies() -> None:
-            async for rseq, ok, reason in transport.replies:
-                sent = pending.pop(rseq, None)
-                if sent is not None:
-                    on_result(ok, trio.current_time() - sent if ok else None, reason)
-
-        nursery.start_soon(replies)
-
-        def fire() -> None:
-            nonlocal seq
-            seq = seq + 1 if seq < 0xFFFF else 1
-            now = trio.current_time()
-            failure = transport.send(seq)
-            if failure is None:
-                pending[seq] = now
-            else:
-                on_result(False, None, failure)
-
+        engine = ProbeEngine(nursery, rng)
+        await nursery.start(engine.scheduler.run)
         try:
-            next_send = trio.current_time()
-            while True:
-                now = trio.current_time()
-                for s, sent in list(pending.items()):
-                    if now >= sent + timeout:
-                        del pending[s]
-                        on_result(False, None, "timeout")
-                if now >= next_send:
-                    fire()
-                    next_send = now + interval * (1 + rng.uniform(-jitter, jitter))
-                wake = next_send
-                if pending:
-                    oldest_seq = min(pending, key=pending.get)
-                    wake = min(wake, pending[oldest_seq] + timeout)
-                    rtt = rtt_hint()
-                    if rtt is not None and _seq_after(oldest_seq, rechecked_upto):
-                        overdue_at = pending[oldest_seq] + max(RECHECK_RTTS * rtt, RECHECK_FLOOR)
-                        if overdue_at < pending[oldest_seq] + timeout and overdue_at < next_send:
-                            if now >= overdue_at:
-                                fire()
-                                rechecked_upto = seq
-                            else:
-                                wake = min(wake, overdue_at)
-                await trio.sleep_until(wake)
+            yield engine
         finally:
-            transport.close()
-
-
-def _seq_after(a: int, b: int) -> bool:
-    """Sequence numbers wrap at 16 bits: is A newer than B?"""
-    return a != b and ((a - b) & 0xFFFF) < 0x8000
-
-
-def make_transport(kind: str, ifname: str, host, port: int | None, timeout: float) -> Transport:
-    """The transport for a configured probe ("icmp" or "tcp")."""
-    if kind == "icmp":
-        return IcmpTransport(ifname, host)
-    assert port is not None
-    return TcpTransport(ifname, host, port, timeout)
+            nursery.cancel_scope.cancel()
+            engine.close()

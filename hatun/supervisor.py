@@ -35,15 +35,15 @@ from hatun.health import State, Transition, TunnelHealth, display_state
 from hatun.netlink.core import EventsOverflow, NetlinkError, NetlinkTimeout
 from hatun.netlink.rtnl import Link, Nexthop, Resilient, Route, Rtnl, Rule, open_rtnl, open_rtnl_events
 from hatun.pinning import Pinning, PinningError
-from hatun.probes import make_transport, run_probes
+from hatun.probes import ProbeEngine, ProbeStream, open_probe_engine
 from hatun.routes import Reconciler, adopted_members
 from hatun.steering import Layout, Member, RenderTunnel, TunnelView, allocate_slots, decide, render
 from hatun.wireguard.model import DeviceSettings, DeviceStatus, PeerSettings, WireGuardError
 
 log = logging.getLogger("hatun")
 
-FULL_SYNC_INTERVAL = 5.0  # safety net: event sockets can overflow
-STATS_INTERVAL = 2.0
+FULL_SYNC_INTERVAL = 30.0  # safety net: event sockets can overflow (an overflow itself triggers a re-read)
+STATS_INTERVAL = 30.0  # counters and handshake ages in the background; status and scrapes read fresh ones
 DEBOUNCE = 0.005  # coalesce a burst of pokes into one sync
 TEARDOWN_GRACE = 10.0
 RETRY_SYNC_AFTER = 0.3
@@ -90,6 +90,7 @@ class TunnelRuntime:
     started_at: float = 0.0
     transitions: Counter = field(default_factory=Counter)
     probe_scope: trio.CancelScope | None = None
+    probe_stream: ProbeStream | None = None
     scope: trio.CancelScope | None = None
     device_event: trio.Event = field(default_factory=trio.Event)
     done: trio.Event = field(default_factory=trio.Event)
@@ -133,6 +134,7 @@ class Supervisor:
         self.backend_name: str | None = None
         self.mode: str | None = None  # "resilient" | "multipath"
         self.rtnl: Rtnl | None = None
+        self.probes: ProbeEngine | None = None
         self.reconciler: Reconciler | None = None
         self.pinning: Pinning | None = None
         self.decision = None
@@ -145,7 +147,6 @@ class Supervisor:
         self.last_reload_ok = True
         self.last_reload_message: str | None = None
         self.repairs = Counter()
-        self.events_listeners: list = []  # callables(Transition) for metrics
         self._poke = trio.Event()
         self._nursery: trio.Nursery | None = None
         self._tunnel_nursery: trio.Nursery | None = None
@@ -172,6 +173,9 @@ class Supervisor:
             self.rtnl = await stack.enter_async_context(open_rtnl())
             self.backend_name = await select_backend(cfg.backend)
             self.backend = await stack.enter_async_context(self._open_backend())
+            self.probes = await stack.enter_async_context(open_probe_engine())
+            if self.backend_name == "userspace":
+                self._check_inotify()
             links = await self.rtnl.links()
             self._lo_index = next((l.index for l in links if l.name == "lo"), 1)
             self.reconciler = Reconciler(self.rtnl, self.layout, self._lo_index)
@@ -184,6 +188,7 @@ class Supervisor:
                 nursery.start_soon(self._serve_events, events)
                 await nursery.start(self._serve_reconciler)
                 nursery.start_soon(self._serve_stats)
+                nursery.start_soon(self._serve_session_kicks)
                 nursery.start_soon(self._serve_ready)
                 self._tunnel_nursery = nursery
                 for rt in self.tunnels.values():
@@ -200,6 +205,19 @@ class Supervisor:
                     await self._teardown()
                 if grace.cancelled_caught:
                     log.error("clean-up did not finish within %.0f s; run `hatun down` to finish it", TEARDOWN_GRACE)
+
+    def _check_inotify(self) -> None:
+        # Each wireguard-go holds an inotify instance (watching its UAPI socket); at the per-user limit
+        # (128 by default) the next one fails to start with "too many open files".
+        try:
+            with open("/proc/sys/fs/inotify/max_user_instances") as f:
+                limit = int(f.read())
+        except (OSError, ValueError):
+            return
+        if len(self.config.tunnels) + 8 > limit:
+            log.warning("%d userspace tunnels need as many inotify instances, the limit is %d:"
+                        " raise fs.inotify.max_user_instances (e.g. to %d)", len(self.config.tunnels), limit,
+                        max(1024, 2 * len(self.config.tunnels)))
 
     def _lock(self) -> int:
         """One hatun per run_dir: an exclusive lock the kernel releases however the process ends."""
@@ -402,7 +420,6 @@ class Supervisor:
         async with trio.open_nursery() as nursery:
             nursery.start_soon(self._serve_probes, rt)
             nursery.start_soon(self._serve_device, rt)
-            nursery.start_soon(self._serve_session_kick, rt)
             if rt.cfg.endpoint.is_dns:
                 nursery.start_soon(self._serve_resolver, rt)
 
@@ -418,8 +435,8 @@ class Supervisor:
             rt.ifindex, rt.link_up = link.index, link.up and link.carrier
             self._links_by_index[link.index] = link.name
         if (rt.ifindex, rt.link_up) != old:
-            if old[0] is not None and rt.ifindex != old[0] and rt.probe_scope is not None:
-                rt.probe_scope.cancel()  # probe sockets are bound to the old device
+            if rt.probe_stream is not None:
+                rt.probe_stream.ifindex = rt.ifindex if rt.present else None
             rt.device_event.set()
             rt.device_event = trio.Event()
             self.poke()
@@ -441,23 +458,28 @@ class Supervisor:
                 await self.backend.apply(self.device_settings(rt))
                 await self._refresh_link(rt)
 
-    async def _serve_session_kick(self, rt: TunnelRuntime) -> None:
+    async def _serve_session_kicks(self) -> None:
         """While a tunnel is down and its peer silent, start a fresh handshake every few seconds.
 
         WireGuard itself re-handshakes only after 15 s of sending without replies, and a gateway that
-        restarted has forgotten the session: without this, recovery would take that long.
+        restarted has forgotten the session: without this, recovery would take that long. One task
+        for all tunnels: a wakeup costs more than the check.
         """
         while True:
             await trio.sleep(KICK_INTERVAL)
-            if rt.health.health is not State.DOWN or not rt.present:
-                continue
-            if trio.current_time() - rt.health.since < KICK_INTERVAL:
-                continue
-            await self.read_status(rt)
-            age = self._handshake_age(rt)
-            if age is None or age > KICK_INTERVAL:
-                log.debug("%s: no reply and no fresh handshake: starting a new session", rt.name)
-                await self.backend.reset_peer(self.device_settings(rt))
+            for rt in list(self.tunnels.values()):
+                if rt.health.health is not State.DOWN or not rt.present or rt.scope is None:
+                    continue
+                if trio.current_time() - rt.health.since < KICK_INTERVAL:
+                    continue
+                await self.read_status(rt)
+                age = self._handshake_age(rt)
+                if age is None or age > KICK_INTERVAL:
+                    log.debug("%s: no reply and no fresh handshake: starting a new session", rt.name)
+                    try:
+                        await self.backend.reset_peer(self.device_settings(rt))
+                    except WireGuardError as e:
+                        log.debug("%s: %s", rt.name, e)
 
     def _on_recreated(self, ifname: str) -> None:
         """The userspace backend replaced a dead wireguard-go: a new device, new ifindex."""
@@ -470,26 +492,30 @@ class Supervisor:
                     self._nursery.start_soon(self._refresh_link, rt)
 
     async def _serve_probes(self, rt: TunnelRuntime) -> None:
-        """Probe through the tunnel forever; restarted when the device is re-created."""
-        probe = rt.cfg.probe_target
+        """Probe through the tunnel while its tasks run; registered anew when the probe settings change."""
         while True:
-            while not rt.present:
-                await rt.device_event.wait()
+            probe = rt.cfg.probe_target
+            stream = ProbeStream(rt.name, interval=rt.interval, timeout=rt.timeout, jitter=rt.jitter,
+                                 on_result=lambda ok, rtt, reason: self._on_probe(rt, ok, rtt, reason),
+                                 rtt_hint=lambda: rt.health.rtt_avg)
             with trio.CancelScope() as scope:
                 rt.probe_scope = scope
-                transport = make_transport(probe.kind, rt.ifname, probe.host, probe.port, rt.timeout)
                 try:
-                    await run_probes(transport, interval=rt.interval, timeout=rt.timeout, jitter=rt.jitter,
-                                     on_result=lambda ok, rtt, reason: self._on_probe(rt, ok, rtt, reason),
-                                     rtt_hint=lambda: rt.health.rtt_avg)
+                    if probe.kind == "icmp":
+                        self.probes.add_icmp(stream, probe.host, rt.ifindex if rt.present else None)
+                        rt.probe_stream = stream
+                    else:
+                        self.probes.add_tcp(stream, probe.host, probe.port, rt.ifname)
+                    await trio.sleep_forever()
                 except OSError as e:
                     self._on_probe(rt, False, None, f"cannot probe: {e.strerror or e}")
-                    await trio.sleep(rt.interval)
+                    await trio.sleep(max(rt.interval, 1.0))
+                finally:
+                    self.probes.remove(stream)
+                    rt.probe_stream = None
             rt.probe_scope = None
 
     def _on_probe(self, rt: TunnelRuntime, ok: bool, rtt: float | None, reason: str | None) -> None:
-        for listener in self.events_listeners:
-            listener("probe", rt, ok, rtt)
         transition = rt.health.record(ok, trio.current_time(), rtt=rtt, reason=reason)
         if transition is not None:
             self._on_transition(rt, transition)
@@ -500,8 +526,6 @@ class Supervisor:
         rt.transitions[str(state)] += 1
         level = logging.WARNING if tr.new is State.DOWN else logging.INFO
         log.log(level, "%s %s: %s", rt.name, state, tr.reason, extra={"tunnel": rt.name, "state": str(state)})
-        for listener in self.events_listeners:
-            listener("transition", rt, state, tr)
         self.poke()
 
     async def _resolve(self, rt: TunnelRuntime) -> bool:
@@ -550,7 +574,7 @@ class Supervisor:
         """Fresh counters of RT's device (kept as rt.status); updates its rates. Never raises for a
         missing device."""
         try:
-            status = await self.backend.get(rt.ifname)
+            status = await self.backend.get(rt.ifname, with_link=False)
         except WireGuardError as e:
             log.debug("%s: %s", rt.name, e)
             status = None
@@ -754,8 +778,6 @@ class Supervisor:
             state = rt.state
             rt.transitions[str(state)] += 1
             log.info("%s %s: %s", name, state, "drained by operator" if drained else "drain ended by operator")
-            for listener in self.events_listeners:
-                listener("transition", rt, state, None)
             self.poke()
         return rt
 

@@ -13,61 +13,59 @@ import pytest
 import trio
 import trio.testing
 
-from hatun.probes import run_probes
+from hatun.probes import ProbeStream, Scheduler
 from tests.nsutil import ip, ns_exec
 
 
-class FakeTransport:
+class FakePeer:
     """Answers each probe after `rtt` seconds while `alive`, never while dead."""
 
-    def __init__(self, rtt: float = 0.002) -> None:
-        self.rtt = rtt
+    def __init__(self, scheduler, nursery, rtt: float = 0.002) -> None:
+        self.scheduler, self.nursery, self.rtt = scheduler, nursery, rtt
         self.alive = True
         self.sent: list[tuple[int, float]] = []
-        self._send, self.replies = trio.open_memory_channel(100)
-        self._nursery = None
-
-    async def open(self, nursery):
-        self._nursery = nursery
+        self.stream: ProbeStream | None = None
 
     def send(self, seq):
         self.sent.append((seq, trio.current_time()))
         if self.alive:
-            self._nursery.start_soon(self._answer, seq)
+            self.nursery.start_soon(self._answer, seq)
         return None
 
     async def _answer(self, seq):
         await trio.sleep(self.rtt)
-        await self._send.send((seq, True, None))
-
-    def close(self):
-        pass
+        self.scheduler.reply(self.stream, seq)
 
 
-async def probe_for(transport, seconds, **kw):
+async def probe_for(seconds, *, rtt=0.002, rtt_hint=None, chaos=None, alive=True, **kw):
+    """Run one stream against a FakePeer for SECONDS; return (results, peer)."""
     results = []
-
-    def on_result(ok, rtt, reason):
-        results.append((round(trio.current_time(), 4), ok, rtt, reason))
-
-    rtt = kw.pop("rtt_hint", lambda: None)
-    with trio.move_on_after(seconds):
-        await run_probes(transport, on_result=on_result, rtt_hint=rtt, rng=random.Random(1), **kw)
-    return results
+    sched = Scheduler(random.Random(1))
+    async with trio.open_nursery() as n:
+        await n.start(sched.run)
+        peer = FakePeer(sched, n, rtt)
+        peer.alive = alive
+        stream = ProbeStream("t", on_result=lambda ok, r, reason: results.append(
+            (round(trio.current_time(), 4), ok, r, reason)), rtt_hint=rtt_hint or (lambda: None), **kw)
+        peer.stream = stream
+        stream.sender = peer.send
+        sched.start(stream)
+        if chaos:
+            n.start_soon(chaos, peer)
+        await trio.sleep(seconds)
+        n.cancel_scope.cancel()
+    return results, peer
 
 
 async def test_interval_and_successes(autojump_clock):
-    t = FakeTransport(rtt=0.003)
-    results = await probe_for(t, 0.95, interval=0.1, timeout=0.25, jitter=0.0)
-    assert len(t.sent) == 10
+    results, peer = await probe_for(0.95, rtt=0.003, interval=0.1, timeout=0.25, jitter=0.0)
+    assert len(peer.sent) == 10
     assert all(ok for _, ok, _, _ in results) and len(results) == 10
     assert all(rtt == pytest.approx(0.003) for _, _, rtt, _ in results)
 
 
 async def test_timeouts_fail_after_timeout(autojump_clock):
-    t = FakeTransport()
-    t.alive = False
-    results = await probe_for(t, 1.0, interval=0.1, timeout=0.25, jitter=0.0)
+    results, _ = await probe_for(1.0, alive=False, interval=0.1, timeout=0.25, jitter=0.0)
     # Probes sent at 0.0, 0.1, ... fail 0.25 s later.
     assert [r[0] for r in results][:3] == [0.25, 0.35, 0.45]
     assert all(not ok and reason == "timeout" for _, ok, _, reason in results)
@@ -75,41 +73,81 @@ async def test_timeouts_fail_after_timeout(autojump_clock):
 
 async def test_overdue_probe_triggers_one_extra_probe(autojump_clock):
     """A dead path gets its second failure ~80 ms sooner than with regular probes alone."""
-    t = FakeTransport(rtt=0.002)
-
-    async def kill_later():
+    async def kill_later(peer):
         await trio.sleep(0.55)
-        t.alive = False
+        peer.alive = False
 
-    async with trio.open_nursery() as n:
-        n.start_soon(kill_later)
-        results = await probe_for(t, 1.2, interval=0.1, timeout=0.25, jitter=0.0, rtt_hint=lambda: 0.002)
+    results, peer = await probe_for(1.2, chaos=kill_later, rtt_hint=lambda: 0.002,
+                                    interval=0.1, timeout=0.25, jitter=0.0)
     failures = [r[0] for r in results if not r[1]]
-    # First probe after the failure: sent 0.6, overdue at 0.62 -> extra probe; both fail 0.25 s after sending.
-    assert failures[:2] == [0.85, 0.87]
-    sends = [s for _, s in t.sent]
-    assert round(sends[sends.index(0.6) + 1], 3) == 0.62
+    # First probe after the failure: sent 0.6, overdue at 0.62 -> an extra probe at the next tick
+    # (a quarter of the interval here); both fail 0.25 s after they were sent.
+    sends = [round(t, 3) for _, t in peer.sent]
+    extra = sends[sends.index(0.6) + 1]
+    assert 0.62 <= extra <= 0.625
+    assert failures[:2] == [0.85, round(extra + 0.25, 3)]
+    # Only one extra probe per episode: then regular probes every 100 ms.
+    assert sends[sends.index(extra) + 1] == 0.7
 
 
 async def test_jitter_spreads_sends(autojump_clock):
-    t = FakeTransport()
-    await probe_for(t, 2.0, interval=0.1, timeout=0.25, jitter=0.1)
-    gaps = [b - a for (_, a), (_, b) in zip(t.sent, t.sent[1:])]
-    assert all(0.09 - 1e-9 <= g <= 0.11 + 1e-9 for g in gaps)
+    _, peer = await probe_for(2.0, interval=0.1, timeout=0.25, jitter=0.1)
+    gaps = [b - a for (_, a), (_, b) in zip(peer.sent, peer.sent[1:])]
+    assert all(0.09 - 0.003 <= g <= 0.11 + 0.003 for g in gaps)
     assert len({round(g, 4) for g in gaps}) > 3
+
+
+async def test_many_streams_share_one_scheduler(autojump_clock):
+    sched = Scheduler(random.Random(2))
+    counts = {}
+    async with trio.open_nursery() as n:
+        await n.start(sched.run)
+        streams = []
+        for i in range(50):
+            peer = FakePeer(sched, n)
+            s = ProbeStream(f"t{i}", interval=0.1, timeout=0.25, jitter=0.1,
+                            on_result=lambda ok, r, reason, i=i: counts.__setitem__(i, counts.get(i, 0) + ok))
+            peer.stream, s.sender = s, peer.send
+            sched.start(s, trio.current_time() + random.Random(i).uniform(0, 0.1))
+            streams.append(s)
+        await trio.sleep(1.0)
+        sched.stop(streams[0])
+        await trio.sleep(1.0)
+        n.cancel_scope.cancel()
+    assert 9 <= counts[0] <= 11  # stopped after 1 s
+    assert all(18 <= counts[i] <= 22 for i in range(1, 50))
+
+
+@pytest.mark.parametrize("ident, seq", [(1, 2), (0xFFFF, 0xFFFF), (0x4242, 9), (0, 0)])
+def test_echo_checksum(ident, seq):
+    """The incremental checksum equals RFC 1071's sum over the whole message (which sums to zero)."""
+    import struct
+
+    from hatun.probes import ECHO_REQUEST_V4, PAYLOAD, PAYLOAD_SUM, _echo_checksum
+
+    cks = _echo_checksum(ident, seq, PAYLOAD_SUM, ECHO_REQUEST_V4)
+    msg = struct.pack("!BBHHH", ECHO_REQUEST_V4, 0, cks, ident, seq) + PAYLOAD
+    total = sum(struct.unpack(f"!{len(msg) // 2}H", msg))
+    while total >> 16:
+        total = (total & 0xFFFF) + (total >> 16)
+    assert total == 0xFFFF
 
 
 PROBE_SCRIPT = textwrap.dedent(
     """
-    import json, sys, trio, ipaddress
-    from hatun.probes import run_probes, make_transport
+    import ipaddress, json, socket, sys, trio
+    from hatun.probes import ProbeStream, open_probe_engine
     kind, ifname, host, port, seconds = sys.argv[1], sys.argv[2], sys.argv[3], sys.argv[4], float(sys.argv[5])
     results = []
     async def main():
-        t = make_transport(kind, ifname, ipaddress.ip_address(host), int(port) if port != "-" else None, 0.3)
-        with trio.move_on_after(seconds):
-            await run_probes(t, interval=0.05, timeout=0.3, jitter=0.0,
-                             on_result=lambda ok, rtt, reason: results.append([ok, rtt, reason]))
+        async with open_probe_engine() as engine:
+            s = ProbeStream("t", interval=0.05, timeout=0.3, jitter=0.0,
+                            on_result=lambda ok, rtt, reason: results.append([ok, rtt, reason]))
+            if kind == "icmp":
+                engine.add_icmp(s, ipaddress.ip_address(host), socket.if_nametoindex(ifname))
+            else:
+                engine.add_tcp(s, ipaddress.ip_address(host), int(port), ifname)
+            await trio.sleep(seconds)
     trio.run(main)
     print(json.dumps(results))
     """

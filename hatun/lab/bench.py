@@ -326,8 +326,8 @@ def _hand_route(lab: Lab, ifnames: list[str]) -> None:
     script += [f"ip rule del pref {p} 2>/dev/null; ip rule del pref {p} 2>/dev/null; ip rule del pref {p} 2>/dev/null; true"
                for p in (5200, 5201, 5202)]
     hops = " ".join(f"nexthop dev {i}" for i in ifnames)
-    script.append(f"ip route replace 198.19.77.0/24 {hops} src {topology.SOURCE}")
-    subprocess.run(["ip", "netns", "exec", lab.runner, "sh", "-c", "; ".join(script)], check=True, timeout=30)
+    script.append(f"ip route replace 198.19.77.0/24 src {topology.SOURCE} {hops}")
+    topology._run(["ip", "netns", "exec", lab.runner, "sh", "-c", "; ".join(script)])
 
 
 def _proc_cpu_seconds(pid: int) -> float:
@@ -352,6 +352,8 @@ async def bench_scale(report: Report, backend: str, runs: int, quick: bool) -> N
         rss = report.figure(f"scale/{n}", "hatun peak RSS", "MiB", "< 100" if n == 32 else "")
         ready = report.figure(f"scale/{n}", "start -> all tunnels in service", "s", "< 3" if n == 32 else "")
         for _ in range(runs):
+            if backend == "userspace":
+                _ensure_inotify(2 * n)
             lab = await _lab_op(topology.lab_up, _lab_name(), n, backend, False)
             hatun = HatunProcess(lab, args=("--log-level", "warning"))
             try:
@@ -374,6 +376,28 @@ async def bench_scale(report: Report, backend: str, runs: int, quick: bool) -> N
                     await _lab_op(topology.lab_down, lab.name)
 
 
+_INOTIFY = "/proc/sys/fs/inotify/max_user_instances"
+_inotify_saved: list[str] = []
+
+
+def _ensure_inotify(needed: int) -> None:
+    """wireguard-go holds one inotify instance per process (128 per user by default): a large lab
+    raises the limit for the benchmark's duration (restored by `run_bench`)."""
+    limit, used = topology.inotify_instances()
+    if used + needed + 16 > limit:
+        with open(_INOTIFY) as f:
+            if not _inotify_saved:
+                _inotify_saved.append(f.read().strip())
+        with open(_INOTIFY, "w") as f:
+            f.write(str(used + needed + 64))
+
+
+def _restore_inotify() -> None:
+    if _inotify_saved:
+        with open(_INOTIFY, "w") as f:
+            f.write(_inotify_saved.pop())
+
+
 RUNNERS: dict[str, Callable] = {
     "failover": bench_failover, "drain": bench_drain, "restart": bench_restart, "weights": bench_weights,
     "throughput": bench_throughput, "scale": bench_scale,
@@ -393,6 +417,9 @@ async def run_bench(scenarios: list[str], *, runs: int, quick: bool, backend: st
             raise topology.LabError(f"unknown scenario {name!r}: choose from {', '.join(SCENARIOS)}")
         progress(f"bench: {name} ({runs} run{'s' if runs != 1 else ''})")
         t0 = time.monotonic()
-        await RUNNERS[name](report, kind, runs, quick)
+        try:
+            await RUNNERS[name](report, kind, runs, quick)
+        finally:
+            _restore_inotify()
         progress(f"bench: {name} done in {time.monotonic() - t0:.0f} s")
     return report

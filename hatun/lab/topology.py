@@ -288,6 +288,8 @@ async def lab_up(name: str = "lab", gateways: int = 3, backend: str = "auto", ip
         kind = await select_backend(backend)
     except BackendUnavailable as e:
         raise LabError(f"the lab needs WireGuard: {e}") from None
+    if kind == "userspace":
+        check_inotify(2 * gateways)
     lab = Lab(name, gateways, kind, ipv6)
     os.makedirs(lab.dir, mode=0o700, exist_ok=True)
     os.makedirs(os.path.join(lab.dir, "run"), mode=0o700, exist_ok=True)
@@ -304,6 +306,30 @@ async def lab_up(name: str = "lab", gateways: int = 3, backend: str = "auto", ip
             await lab_down(name)
         raise
     return lab
+
+
+def inotify_instances() -> tuple[int, int]:
+    """(limit, in use) of inotify instances for this user: each wireguard-go holds one."""
+    with open("/proc/sys/fs/inotify/max_user_instances") as f:
+        limit = int(f.read())
+    used = 0
+    for pid in os.listdir("/proc"):
+        if pid.isdigit():
+            try:
+                used += sum(1 for fd in os.listdir(f"/proc/{pid}/fd")
+                            if os.readlink(f"/proc/{pid}/fd/{fd}") == "anon_inode:inotify")
+            except OSError:
+                pass
+    return limit, used
+
+
+def check_inotify(needed: int) -> None:
+    """Raise LabError when NEEDED more wireguard-go processes would exceed the inotify limit."""
+    limit, used = inotify_instances()
+    if used + needed > limit:
+        raise LabError(f"this lab runs {needed} wireguard-go processes, each needs an inotify instance, and only"
+                       f" {limit - used} of {limit} are free: raise fs.inotify.max_user_instances"
+                       f" (sysctl -w fs.inotify.max_user_instances={max(1024, used + needed + 64)}) or use fewer gateways")
 
 
 def _build(lab: Lab) -> None:

@@ -265,15 +265,16 @@ class KernelBackend:
                 await self._configure(settings, reset_peer=True)
                 log.info("%s: peer session reset", ifname)
 
-    async def get(self, ifname: str) -> DeviceStatus | None:
+    async def get(self, ifname: str, *, with_link: bool = True) -> DeviceStatus | None:
         """IFNAME's configuration, counters and link state (never its private key); None if missing.
+        WITH_LINK=False skips the link state (index, addresses, MTU): counters only, cheaper.
 
         Raises WireGuardError when IFNAME is not a WireGuard device or cannot be read.
         """
         check_ifname(ifname)
         status = await self._read(ifname)
-        if status is None:
-            return None
+        if status is None or not with_link:
+            return status
         state = await link.link_state(self._rtnl, ifname)
         if state is None:  # deleted in between
             return None

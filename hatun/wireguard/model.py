@@ -94,8 +94,9 @@ class Backend(Protocol):
     async def apply(self, settings: DeviceSettings) -> Changes:
         """Create the device if missing and make it match SETTINGS, touching only what differs."""
 
-    async def get(self, ifname: str) -> DeviceStatus | None:
-        """The device as it is now, or None when it does not exist."""
+    async def get(self, ifname: str, *, with_link: bool = True) -> DeviceStatus | None:
+        """The device as it is now, or None when it does not exist (WITH_LINK=False: WireGuard
+        state and counters only, without the link's index, addresses and MTU)."""
 
     async def list(self) -> list[str]:
         """Names of the WireGuard devices this backend sees."""

@@ -37,7 +37,7 @@ START_TIMEOUT = 5.0  # spawn -> UAPI socket answers (measured: ~10 ms)
 STOP_TIMEOUT = 2.0  # per step of delete: link removal, SIGTERM, SIGKILL
 STABLE_AFTER = 10.0  # a process that lived this long restarts at once; sooner deaths back off
 BACKOFF_MIN, BACKOFF_MAX = 0.25, 10.0
-LOG_POLL = 0.25
+LOG_POLL = 2.0  # seconds between looks at the wireguard-go log files (they write only on errors)
 LOG_MAX = 1 << 20  # a log file bigger than this is truncated when a new wireguard-go starts
 _IFNAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,14}")
 # wireguard-go's own line format: "ERROR: (wg0) 2024/01/31 12:00:00 message"
@@ -153,13 +153,16 @@ class UserspaceBackend:
                 await self._nursery.start(self._supervise, dev)
         return changes
 
-    async def get(self, ifname: str) -> DeviceStatus | None:
-        """IFNAME's configuration, counters and link state (never its private key); None if missing."""
+    async def get(self, ifname: str, *, with_link: bool = True) -> DeviceStatus | None:
+        """IFNAME's configuration, counters and link state (never its private key); None if missing.
+        WITH_LINK=False skips the link state (index, addresses, MTU): counters only, cheaper."""
         check_ifname(ifname)
         try:
             status = await uapi.get(ifname, socket_dir=self._socket_dir)
         except uapi.NotRunning:
             return None
+        if not with_link:
+            return status
         state = await link.link_state(self._rtnl, ifname)
         if state is None:  # answering socket, but no such link in our namespace
             return None
@@ -399,9 +402,7 @@ class UserspaceBackend:
             dev.scope = scope
             task_status.started()
             try:
-                async with trio.open_nursery() as nursery:
-                    nursery.start_soon(self._follow_log, dev)
-                    await self._watch(dev)
+                await self._watch(dev)
             finally:
                 if dev.scope is scope:
                     dev.scope = None
@@ -447,35 +448,41 @@ class UserspaceBackend:
                         log.exception("%s: on_recreated callback failed", dev.ifname)
                 break
 
-    async def _follow_log(self, dev: _Device) -> None:
-        """Forward new lines of wireguard-go's log file to our logger (a file, so it survives us)."""
-        path = self._log_path(dev.ifname)
+    async def follow_logs(self) -> None:
+        """Forward new lines of every watched wireguard-go's log file to our logger (files, so they
+        survive us). One task for all devices: a wakeup per device would cost more than the work."""
         while True:
             await trio.sleep(LOG_POLL)
-            try:
-                size = os.stat(path).st_size
-                if size < dev.log_pos:  # truncated by a restart
-                    dev.log_pos = 0
-                if size == dev.log_pos:
-                    continue
-                with open(path, "rb") as f:
-                    f.seek(dev.log_pos)
-                    data = f.read(min(size - dev.log_pos, 256 * 1024))
-            except FileNotFoundError:
+            for dev in list(self._devices.values()):
+                if dev.scope is not None:
+                    self._read_log(dev)
+
+    def _read_log(self, dev: _Device) -> None:
+        path = self._log_path(dev.ifname)
+        try:
+            size = os.stat(path).st_size
+            if size < dev.log_pos:  # truncated by a restart
+                dev.log_pos = 0
+            if size == dev.log_pos:
+                return
+            with open(path, "rb") as f:
+                f.seek(dev.log_pos)
+                data = f.read(min(size - dev.log_pos, 256 * 1024))
+        except FileNotFoundError:
+            return
+        end = data.rfind(b"\n") + 1  # whole lines only; the rest comes next time
+        if end == 0 and len(data) < 256 * 1024:
+            return
+        dev.log_pos += end or len(data)
+        previous = None
+        for line in data[:end or len(data)].decode(errors="replace").splitlines():
+            if line == previous or not line.strip():  # it logs a refused `set` twice
                 continue
-            end = data.rfind(b"\n") + 1  # whole lines only; the rest comes next time
-            if end == 0 and len(data) < 256 * 1024:
-                continue
-            dev.log_pos += end or len(data)
-            previous = None
-            for line in data[:end or len(data)].decode(errors="replace").splitlines():
-                if line == previous or not line.strip():  # it logs a refused `set` twice
-                    continue
-                previous = line
-                if m := _GO_LINE.fullmatch(line):
-                    log.log(_GO_LEVEL[m.group(1)], "%s: wireguard-go: %s", dev.ifname, m.group(2))
-                else:
-                    log.info("%s: wireguard-go: %s", dev.ifname, line)
+            previous = line
+            if m := _GO_LINE.fullmatch(line):
+                log.log(_GO_LEVEL[m.group(1)], "%s: wireguard-go: %s", dev.ifname, m.group(2))
+            else:
+                log.info("%s: wireguard-go: %s", dev.ifname, line)
 
 
 @asynccontextmanager
@@ -507,7 +514,9 @@ async def open_userspace_backend(
             rtnl = await stack.enter_async_context(open_rtnl(netns=netns))
         async with trio.open_nursery() as nursery:
             try:
-                yield UserspaceBackend(nursery, rtnl, executable=exe, run_dir=run_dir, netns=netns,
-                                       socket_dir=socket_dir, on_recreated=on_recreated)
+                backend = UserspaceBackend(nursery, rtnl, executable=exe, run_dir=run_dir, netns=netns,
+                                           socket_dir=socket_dir, on_recreated=on_recreated)
+                nursery.start_soon(backend.follow_logs)
+                yield backend
             finally:
                 nursery.cancel_scope.cancel()

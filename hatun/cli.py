@@ -178,6 +178,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     logs.setup(args.log_format, args.log_level)
     if os.geteuid() != 0:
         raise CliError("hatun run needs root (CAP_NET_ADMIN and CAP_NET_RAW): it creates tunnels and routes")
+    _raise_open_files_limit()
     try:
         trio.run(daemon.run, config, secrets, os.path.abspath(args.config))
     except BaseException as e:  # noqa: BLE001 - errors come wrapped in Trio's exception groups
@@ -189,6 +190,19 @@ def cmd_run(args: argparse.Namespace) -> int:
             return 130
         raise
     return EXIT_OK
+
+
+def _raise_open_files_limit() -> None:
+    # Several descriptors per tunnel (process handles, UAPI connections, probes): the usual soft
+    # limit of 1024 is low for a hundred tunnels; the hard limit is ours to use.
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != resource.RLIM_INFINITY and (hard == resource.RLIM_INFINITY or soft < hard):
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (min(hard, 1 << 16), hard))
+        except (ValueError, OSError):
+            pass
 
 
 def _leaf(error: BaseException, types: tuple) -> BaseException | None:

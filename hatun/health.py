@@ -29,6 +29,16 @@ RTT_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 
 
 
 @dataclass(frozen=True)
+class Suspect:
+    """An up tunnel reached `fall` failed probes, and the caller asked to confirm such verdicts
+    (`TunnelHealth.confirm_failures`): it must call `confirm_down` or `clear_suspect`."""
+
+    tunnel: str
+    reason: str
+    at: float
+
+
+@dataclass(frozen=True)
 class Transition:
     tunnel: str
     old: State
@@ -53,6 +63,10 @@ class TunnelHealth:
         self.rtt_avg: float | None = None
         self._window: deque[bool] = deque(maxlen=LOSS_WINDOW)
         self.last_failure: str | None = None
+        # With confirm_failures, an up tunnel that reaches `fall` failures becomes `suspect` instead
+        # of down, until the caller confirms (confirm_down) or clears it (clear_suspect).
+        self.confirm_failures = False
+        self.suspect = False
         self.probes_ok = 0
         self.probes_failed = 0
         # RTT histogram: counts per bucket of RTT_BUCKETS (and one for +Inf), and the sum. Plain
@@ -71,8 +85,9 @@ class TunnelHealth:
         """New thresholds (a reload); the current verdict and counters stay."""
         self.rise, self.fall = rise, fall
 
-    def record(self, ok: bool, now: float, rtt: float | None = None, reason: str | None = None) -> Transition | None:
-        """Feed one probe result. Returns the transition it caused, if any.
+    def record(self, ok: bool, now: float, rtt: float | None = None,
+               reason: str | None = None) -> Transition | Suspect | None:
+        """Feed one probe result. Returns the transition it caused, if any (or a Suspect to confirm).
 
         `reason` says why a probe failed ("timeout", "connection refused", "handshake stale"...).
         """
@@ -81,6 +96,7 @@ class TunnelHealth:
             self.probes_ok += 1
             self.successes += 1
             self.failures = 0
+            self.suspect = False
             if rtt is not None:
                 self.rtt_counts[bisect_left(RTT_BUCKETS, rtt)] += 1
                 self.rtt_sum += rtt
@@ -94,11 +110,27 @@ class TunnelHealth:
             self.successes = 0
             self.last_failure = reason or "no reply"
             if self.health is not State.DOWN and self.failures >= self.fall:
-                return self._move(
-                    State.DOWN, now,
-                    f"{self.failures} probes failed ({self.last_failure}), last rtt {_ms(self.rtt_last)}",
-                )
+                why = f"{self.failures} probes failed ({self.last_failure}), last rtt {_ms(self.rtt_last)}"
+                if self.health is State.UP and self.confirm_failures:
+                    if self.suspect:
+                        return None  # already being confirmed
+                    self.suspect = True
+                    return Suspect(self.name, why, now)
+                return self._move(State.DOWN, now, why)
         return None
+
+    def confirm_down(self, now: float, note: str = "") -> Transition | None:
+        """The suspect tunnel is down after all."""
+        if not self.suspect:
+            return None
+        self.suspect = False
+        why = f"{self.failures} probes failed ({self.last_failure}), last rtt {_ms(self.rtt_last)}{note}"
+        return self._move(State.DOWN, now, why) if self.health is not State.DOWN else None
+
+    def clear_suspect(self) -> None:
+        """The suspect tunnel is not down (e.g. it still carries traffic): start counting afresh."""
+        self.suspect = False
+        self.failures = 0
 
     def fail_now(self, now: float, reason: str) -> Transition | None:
         """A verdict without probes: the tunnel cannot work at all (e.g. its device cannot be made)."""

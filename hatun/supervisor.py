@@ -31,7 +31,7 @@ import trio
 
 from hatun import __version__, sysctl
 from hatun.config import Config, ConfigError, ConfigUnreadable, Secrets, Tunnel, default_peer_address, load_config
-from hatun.health import State, Transition, TunnelHealth, display_state
+from hatun.health import State, Suspect, Transition, TunnelHealth, display_state
 from hatun.netlink.core import EventsOverflow, NetlinkError, NetlinkTimeout
 from hatun.netlink.rtnl import Link, Nexthop, Resilient, Route, Rtnl, Rule, open_rtnl, open_rtnl_events
 from hatun.pinning import Pinning, PinningError
@@ -49,6 +49,8 @@ TEARDOWN_GRACE = 10.0
 RETRY_SYNC_AFTER = 0.3
 MAX_BACKOFF = 10.0  # a failing tunnel is retried at least this often
 RESOLVE_RETRY = 10.0  # a DNS endpoint of a down tunnel is resolved again this often
+# A tunnel whose probes fail while it receives more than this is congested, not down.
+CONGESTION_RX_BYTES = 4096
 KICK_INTERVAL = 3.0  # a down tunnel with a silent peer gets a fresh handshake this often
 # Keys that decide where hatun's kernel objects live; changing them needs a restart.
 RESTART_ONLY = [
@@ -91,6 +93,8 @@ class TunnelRuntime:
     transitions: Counter = field(default_factory=Counter)
     probe_scope: trio.CancelScope | None = None
     probe_stream: ProbeStream | None = None
+    rx_baseline: int | None = None  # rx bytes at the first failure of the current series
+    congested: int = 0  # probe failures that traffic showed to be congestion
     scope: trio.CancelScope | None = None
     device_event: trio.Event = field(default_factory=trio.Event)
     done: trio.Event = field(default_factory=trio.Event)
@@ -307,8 +311,10 @@ class Supervisor:
 
     def _new_runtime(self, t: Tunnel, slot: int, now: float) -> TunnelRuntime:
         h = self.config.health_for(t)
+        health = TunnelHealth(t.name, h.rise, h.fall, now)
+        health.confirm_failures = True
         return TunnelRuntime(
-            cfg=t, key=self.secrets.keys[t.name], slot=slot, health=TunnelHealth(t.name, h.rise, h.fall, now),
+            cfg=t, key=self.secrets.keys[t.name], slot=slot, health=health,
             interval=h.interval, timeout=h.timeout, jitter=h.jitter, handshake_timeout=h.handshake_timeout,
             started_at=now,
         )
@@ -516,7 +522,41 @@ class Supervisor:
             rt.probe_scope = None
 
     def _on_probe(self, rt: TunnelRuntime, ok: bool, rtt: float | None, reason: str | None) -> None:
-        transition = rt.health.record(ok, trio.current_time(), rtt=rtt, reason=reason)
+        health = rt.health
+        result = health.record(ok, trio.current_time(), rtt=rtt, reason=reason)
+        if result is None:
+            # The first failure of an up tunnel: note how much it has received, in case its probes
+            # go on failing while traffic still flows in (congestion, not a dead path).
+            if not ok and health.failures == 1 and health.health is State.UP and self._nursery is not None:
+                self._nursery.start_soon(self._rx_baseline, rt)
+        elif isinstance(result, Suspect):
+            self._nursery.start_soon(self._confirm_down, rt)
+        else:
+            self._on_transition(rt, result)
+
+    async def _rx_bytes(self, rt: TunnelRuntime) -> int | None:
+        try:
+            status = await self.backend.get(rt.ifname, with_link=False)
+        except WireGuardError:
+            return None
+        return status.peer.rx_bytes if status is not None and status.peer is not None else None
+
+    async def _rx_baseline(self, rt: TunnelRuntime) -> None:
+        rt.rx_baseline = await self._rx_bytes(rt)
+
+    async def _confirm_down(self, rt: TunnelRuntime) -> None:
+        """`fall` probes failed on an up tunnel. If it received traffic since the first of them, the
+        path works and the probes were lost to congestion (a saturated tunnel or CPU): moving its
+        flows would break them at the gateways' NAT, so it stays up. Else it goes down."""
+        baseline, now_rx = rt.rx_baseline, await self._rx_bytes(rt)
+        received = now_rx - baseline if now_rx is not None and baseline is not None else 0
+        if received > CONGESTION_RX_BYTES and rt.health.suspect:
+            rt.health.clear_suspect()
+            rt.congested += 1
+            log.info("%s: %d probes lost, but %d bytes arrived meanwhile: congested, not down",
+                     rt.name, rt.health.fall, received)
+            return
+        transition = rt.health.confirm_down(trio.current_time())
         if transition is not None:
             self._on_transition(rt, transition)
 
@@ -917,6 +957,7 @@ class Supervisor:
                 "probe": str(rt.cfg.probe_target), "last_failure": rt.health.last_failure,
                 "probes_ok": rt.health.probes_ok, "probes_failed": rt.health.probes_failed,
                 "present": rt.present, "last_error": rt.last_error, "restarts": rt.restarts,
+                "congested": rt.congested,
                 "transitions": dict(rt.transitions),
             })
         decision = self.decision

@@ -272,3 +272,23 @@ def test_dns_endpoint_is_resolved_and_followed(lab_factory, hatun_factory):
         import shutil
 
         shutil.rmtree(hosts_dir, ignore_errors=True)
+
+
+async def test_reload_loses_no_packet(lab_factory, hatun_factory):
+    """Flows run through a reload that adds a tunnel and changes another's weight: not one packet
+    is lost and no flow moves."""
+    lab = await trio.to_thread.run_sync(lab_factory, 3)
+    edit_config(lab, drop=["gw3"])
+    hatun = await trio.to_thread.run_sync(hatun_factory, lab)
+    await trio.to_thread.run_sync(lambda: hatun.wait(lambda s: members(s) == ["gw1", "gw2"], 10, "in route"))
+
+    async def reload():
+        await trio.sleep(1.0)
+        edit_config(lab, tunnels={"gw2": {"weight": "3"}})
+        res = await trio.to_thread.run_sync(lambda: hatun_cli(None, "reload", "--socket", lab.control_socket))
+        assert res.returncode == 0, res.stderr
+
+    run = await traffic.udp_flows(lab.runner, topology.SERVICE, flows=32, rate=500, duration=4.0, on_start=reload)
+    assert sum(len(f.lost()) for f in run.flows) == 0
+    assert all(len(f.gateways()) == 1 for f in run.flows)
+    await trio.to_thread.run_sync(lambda: hatun.wait(lambda s: members(s) == ["gw1", "gw2", "gw3"], 10, "gw3 joined"))

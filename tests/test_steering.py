@@ -126,3 +126,33 @@ def test_allocate_slots_keeps_existing_and_fills_gaps():
     assert allocate_slots(["a", "c", "d"], {"a": 2, "c": 4, "gone": 3}, 255) == {"a": 2, "c": 4, "d": 3}
     with pytest.raises(ValueError, match="widen"):
         allocate_slots(["a", "b", "c"], {}, 3)
+
+
+def test_confirmed_failures_make_a_suspect_first():
+    from hatun.health import Suspect
+
+    h = TunnelHealth("gw", 3, 2, 0.0)
+    h.confirm_failures = True
+    for t in (0.1, 0.2, 0.3):
+        h.record(True, t, rtt=0.001)
+    assert h.health is U
+    assert h.record(False, 0.4) is None
+    s = h.record(False, 0.5)
+    assert isinstance(s, Suspect) and h.health is U and h.suspect
+    assert h.record(False, 0.6) is None  # already being confirmed
+    tr = h.confirm_down(0.62)
+    assert (tr.old, tr.new) == (U, D) and not h.suspect
+    # Cleared: counting starts again, the tunnel stays up.
+    h2 = TunnelHealth("gw", 1, 2, 0.0)
+    h2.confirm_failures = True
+    h2.record(True, 0.1)
+    h2.record(False, 0.2)
+    assert isinstance(h2.record(False, 0.3), Suspect)
+    h2.clear_suspect()
+    assert h2.health is U and h2.failures == 0
+    assert h2.record(False, 0.4) is None
+    # From init, no confirmation: the first verdict is immediate.
+    h3 = TunnelHealth("gw", 3, 2, 0.0)
+    h3.confirm_failures = True
+    h3.record(False, 0.1)
+    assert h3.record(False, 0.2).new is D

@@ -281,34 +281,54 @@ def _iperf(lab: Lab, seconds: float, streams: int = 16) -> float:
     """Aggregate throughput (Mbit/s) of STREAMS TCP streams from the runner to the service host."""
     res = subprocess.run(["ip", "netns", "exec", lab.runner, "iperf3", "-c", topology.SERVICE, "-P", str(streams),
                           "-t", str(seconds), "-J"], capture_output=True, text=True, timeout=seconds + 60)
-    doc = json.loads(res.stdout or "{}")
-    if "end" not in doc:
-        raise RuntimeError(f"iperf3: {doc.get('error') or res.stderr.strip()}")
-    return doc["end"]["sum_received"]["bits_per_second"] / 1e6
+    try:
+        doc = json.loads(res.stdout or "{}")
+    except ValueError:
+        doc = {}
+    summary = doc.get("end", {}).get("sum_received")
+    if doc.get("error") or not summary:
+        raise topology.LabError(f"iperf3: {doc.get('error') or res.stderr.strip() or 'no result'}")
+    return summary["bits_per_second"] / 1e6
 
 
 async def bench_throughput(report: Report, backend: str, runs: int, quick: bool) -> None:
     if not shutil.which("iperf3"):
         report.notes.append("throughput: iperf3 not installed (apt-get install iperf3); skipped")
         return
-    seconds = 2 if quick else 8
+    seconds = 2 if quick else 6
+    report.notes.append("throughput: health timeout 1 s, fall 3 during these runs (iperf3 saturates the CPUs;"
+                        " see the failover figures for the default settings)")
     for n in ([2] if quick else [2, 3]):
         via_hatun = report.figure(f"throughput/{n}", f"through hatun's route over {n} tunnels", "Mbit/s")
         by_hand = report.figure(f"throughput/{n}", f"hand-written multipath route over the same {n} tunnels", "Mbit/s")
         ratio = report.figure(f"throughput/{n}", "hatun / hand-written", "ratio", ">= 0.97")
         single = report.figure(f"throughput/{n}", "one tunnel alone", "Mbit/s")
         for _ in range(runs):
-            async with _Scene(n, backend, top={"keep_on_exit": "true"}) as s:
+            # iperf3 saturates both CPUs of a small machine: probes through the busy tunnels queue far
+            # beyond 250 ms, so a tolerant timeout keeps false failovers out of a data-plane figure.
+            async with _Scene(n, backend, top={"keep_on_exit": "true"},
+                              health={"interval": '"100ms"', "timeout": '"1s"', "rise": "3", "fall": "3"}) as s:
                 lab = s.lab
                 server = subprocess.Popen(["ip", "netns", "exec", lab.lan, "iperf3", "-s", "-B", topology.SERVICE],
                                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
                 try:
                     await trio.sleep(0.5)
-                    a = await _thread(_iperf, lab, seconds)
-                    # hatun leaves its tunnels (keep_on_exit); its route and rules make way for one by hand.
+                    await _thread(_iperf, lab, 1.0)  # warm-up (handshakes, neighbours, conntrack): not counted
+                    # Alternate hatun's route and the hand-written one, so that the machine's drift
+                    # (other load, CPU frequency) affects both alike.
+                    a_runs, b_runs = [], []
+                    for _ in range(1 if quick else 3):
+                        a_runs.append(await _thread(_iperf, lab, seconds))
+                        # hatun leaves its tunnels (keep_on_exit); its route and rules make way for one by hand.
+                        await _thread(lambda: s.hatun.stop(timeout=30))
+                        _hand_route(lab, [lab.runner_ifname(i) for i in range(1, n + 1)])
+                        b_runs.append(await _thread(_iperf, lab, seconds))
+                        topology._run(["ip", "-n", lab.runner, "route", "del", "198.19.77.0/24"])
+                        s.hatun = HatunProcess(lab, args=("--log-level", "info"))
+                        await _thread(lambda: s.hatun.start(timeout=60))
+                        await _wait_status(s.hatun, lambda st: len(st["route"]["members"]) == n, 30, "back in route")
+                    a, b = statistics.median(a_runs), statistics.median(b_runs)
                     await _thread(lambda: s.hatun.stop(timeout=30))
-                    _hand_route(lab, [lab.runner_ifname(i) for i in range(1, n + 1)])
-                    b = await _thread(_iperf, lab, seconds)
                     _hand_route(lab, [lab.runner_ifname(1)])
                     c = await _thread(_iperf, lab, seconds)
                 finally:
@@ -419,6 +439,10 @@ async def run_bench(scenarios: list[str], *, runs: int, quick: bool, backend: st
         t0 = time.monotonic()
         try:
             await RUNNERS[name](report, kind, runs, quick)
+        except (topology.LabError, AssertionError, OSError) as e:
+            # One scenario failing must not lose the others' figures: say so and go on.
+            report.notes.append(f"{name}: stopped by an error: {str(e).splitlines()[0][:300]}")
+            progress(f"bench: {name} failed: {e}")
         finally:
             _restore_inotify()
         progress(f"bench: {name} done in {time.monotonic() - t0:.0f} s")

@@ -61,6 +61,7 @@ SO_RCVBUFFORCE = 33
 
 _HEADER = struct.Struct("=IHHII")  # struct nlmsghdr {u32 len; u16 type; u16 flags; u32 seq; u32 pid}
 _RECV_SIZE = 1 << 16  # the kernel caps dump datagrams at 32 KiB; single messages are far smaller
+_DUMP_QUEUE_WAIT = 60.0  # seconds a dump may wait for this socket's other dumps
 _DUMP_ATTEMPTS = 3
 # Replies to this many requests fit the default receive buffer (~208 KiB) even as 8 KiB link dumps.
 _MAX_IN_FLIGHT = 16
@@ -185,8 +186,14 @@ class NetlinkSocket:
         what = what or f"netlink dump type {msg_type}"
         flags = NLM_F_REQUEST | NLM_F_DUMP
         data = self._encode(msg, msg_type, flags)
-        with trio.move_on_after(timeout) as scope:
-            async with self._dump_lock:
+        # One dump at a time per socket: waiting for the others (many tunnels starting at once) is
+        # bounded separately, so TIMEOUT measures the kernel's answer only.
+        with trio.move_on_after(max(_DUMP_QUEUE_WAIT, 10 * timeout)) as queued:
+            await self._dump_lock.acquire()
+        if queued.cancelled_caught:
+            raise NetlinkTimeout(f"{what}: other dumps on this socket took too long")
+        try:
+            with trio.move_on_after(timeout) as scope:
                 if self._abandoned_dump is not None:
                     await self._wait_for(self._abandoned_dump)
                     self._abandoned_dump = None
@@ -195,6 +202,8 @@ class NetlinkSocket:
                     if pending.error is not None or not pending.interrupted:
                         break
                     log.debug("%s: dump interrupted by a concurrent change (attempt %d)", what, attempt)
+        finally:
+            self._dump_lock.release()
         if scope.cancelled_caught:
             raise NetlinkTimeout(f"{what}: no complete answer from the kernel within {timeout:g} s")
         if pending.error is not None:

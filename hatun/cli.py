@@ -171,6 +171,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     from hatun import daemon, logs
     from hatun.control import ControlError
+    from hatun.pinning import PinningError
     from hatun.supervisor import SupervisorError
     from hatun.wireguard.model import BackendUnavailable, WireGuardError
 
@@ -182,7 +183,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     try:
         trio.run(daemon.run, config, secrets, os.path.abspath(args.config))
     except BaseException as e:  # noqa: BLE001 - errors come wrapped in Trio's exception groups
-        known = _leaf(e, (BackendUnavailable, SupervisorError, ControlError, WireGuardError))
+        known = _leaf(e, (BackendUnavailable, SupervisorError, ControlError, WireGuardError, PinningError))
         if known is not None:
             prefix = "WireGuard: " if isinstance(known, WireGuardError) and not isinstance(known, BackendUnavailable) else ""
             raise CliError(prefix + str(known), EXIT_INVALID) from None
@@ -372,6 +373,7 @@ def cmd_lab(args: argparse.Namespace) -> int:
             from hatun.lab.bench import run_bench
 
             report = trio.run(lambda: run_bench(args.scenarios, runs=args.runs, quick=args.quick, backend=args.backend,
+                                                slow=args.slow,
                                                 progress=lambda s: print(s, file=sys.stderr, flush=True)))
             if args.json:
                 _print_json(report.to_json())
@@ -485,6 +487,8 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--quick", action="store_true", help="small sizes: a smoke run that keeps the harness working")
     sp.add_argument("--json", action="store_true")
     sp.add_argument("--backend", choices=("auto", "kernel", "userspace"), default="auto")
+    sp.add_argument("--slow", type=float, default=1.0, metavar="FACTOR",
+                    help="stretch health timings and lower packet rates (e.g. 5 on an emulated CPU)")
     sp = lsub.add_parser("heal", help="repair a failed gateway")
     sp.add_argument("gateway", metavar="GW")
     sp.add_argument("--name", default="lab")

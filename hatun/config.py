@@ -294,6 +294,7 @@ class HealthOverrides(_Model):
     handshake_timeout: Duration | None = Field(
         None, description="a tunnel whose last WireGuard handshake is older than this counts as failing"
     )
+    jitter: float | None = Field(None, ge=0, le=0.5, description="random spread of probe times, as a share of the interval")
 
 
 class Health(_Model):
@@ -501,6 +502,15 @@ def default_peer_address(address: ipaddress.IPv4Interface | ipaddress.IPv6Interf
 # ---------------------------------------------------------------- problems
 
 
+_KEYLIKE = re.compile(r"[A-Za-z0-9+/]{42}[AEIMQUYcgkosw048]=|\b[0-9a-fA-F]{64}\b")
+
+
+def redact_keys(text: str) -> str:
+    """TEXT with anything shaped like a WireGuard key (base64 or hex) replaced: whatever a user put
+    where, a problem report never repeats a private key."""
+    return _KEYLIKE.sub("<redacted>", text)
+
+
 @dataclass(frozen=True)
 class Problem:
     """One mistake in a config: where (`tunnels[1].endpoint`), what, and what was given."""
@@ -510,6 +520,11 @@ class Problem:
     got: str | None = None
     line: int | None = None
     column: int | None = None
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "message", redact_keys(self.message))
+        if self.got is not None:
+            object.__setattr__(self, "got", redact_keys(self.got))
 
     def __str__(self) -> str:
         where = self.loc

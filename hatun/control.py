@@ -53,6 +53,14 @@ async def _handle(sup, stream: trio.SocketStream) -> None:
 
 
 async def _dispatch(sup, req: dict) -> dict:
+    try:
+        return await _command(sup, req)
+    except Exception as e:  # noqa: BLE001 - a request must never take hatun down
+        log.exception("control request %r failed", req.get("command"))
+        return {"ok": False, "error": f"internal error: {type(e).__name__}: {e}"}
+
+
+async def _command(sup, req: dict) -> dict:
     cmd = req.get("command")
     if cmd == "status":
         for rt in list(sup.tunnels.values()):
@@ -60,6 +68,8 @@ async def _dispatch(sup, req: dict) -> dict:
         return {"ok": True, "status": sup.snapshot()}
     if cmd in ("drain", "undrain"):
         name = req.get("tunnel")
+        if not isinstance(name, str):
+            return {"ok": False, "error": "give the tunnel's name as a string"}
         try:
             rt = sup.drain(name, cmd == "drain")
         except KeyError:
@@ -69,12 +79,15 @@ async def _dispatch(sup, req: dict) -> dict:
         ok, message = await sup.reload()
         return {"ok": ok, "message": message} if ok else {"ok": False, "error": message}
     if cmd == "stop":
-        sup.stop(cleanup=req.get("cleanup"))
+        cleanup = req.get("cleanup")
+        if cleanup is not None and not isinstance(cleanup, bool):
+            return {"ok": False, "error": "cleanup must be true or false"}
+        sup.stop(cleanup=cleanup)
         return {"ok": True}
     return {"ok": False, "error": f"unknown command {cmd!r}"}
 
 
-def _prepare_path(path: str) -> None:
+def prepare_path(path: str) -> None:
     """Make the directory; remove a stale socket; refuse when another hatun answers there."""
     os.makedirs(os.path.dirname(path) or ".", mode=0o700, exist_ok=True)
     if os.path.exists(path):
@@ -93,7 +106,7 @@ def _prepare_path(path: str) -> None:
 async def serve_control(sup, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
     """Serve the control socket of SUP (path from its config) until cancelled; then remove it."""
     path = sup.config.control.socket
-    _prepare_path(path)
+    prepare_path(path)
     sock = trio.socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     old_umask = os.umask(0o177)  # created 0600: only root talks to hatun
     try:

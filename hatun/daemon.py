@@ -19,7 +19,10 @@ async def _serve_signals(sup: Supervisor, *, task_status=trio.TASK_STATUS_IGNORE
         task_status.started()
         async for signum in signals:
             if signum == signal.SIGHUP:
-                await sup.reload()
+                try:
+                    await sup.reload()
+                except Exception:  # noqa: BLE001 - a failed reload must not stop hatun
+                    log.exception("reload failed")
             else:
                 log.info("received %s", signal.Signals(signum).name)
                 sup.stop()
@@ -27,17 +30,26 @@ async def _serve_signals(sup: Supervisor, *, task_status=trio.TASK_STATUS_IGNORE
 
 async def run(config: Config, secrets: Secrets, config_path: str | None) -> None:
     """Run hatun until SIGTERM/SIGINT (or a `stop` through the control socket)."""
-    from hatun.control import serve_control
-    from hatun.metrics import serve_metrics
+    from hatun.control import prepare_path, serve_control
+    from hatun.metrics import open_metrics_listeners, serve_metrics
+    from hatun.supervisor import SupervisorError
 
+    # What can fail for reasons outside hatun is checked before anything in the kernel is touched.
+    prepare_path(config.control.socket)
+    listeners = None
+    if config.metrics.address is not None:
+        try:
+            listeners = await open_metrics_listeners(config)
+        except OSError as e:
+            raise SupervisorError(f"metrics: cannot listen on {config.metrics.listen}: {e.strerror or e}") from None
     sup = Supervisor(config, secrets, config_path)
     async with trio.open_nursery() as servers:
         await servers.start(_serve_signals, sup)
         async with trio.open_nursery() as core:
             await core.start(sup.run)
             await servers.start(serve_control, sup)
-            if config.metrics.address is not None:
-                await servers.start(serve_metrics, sup)
+            if listeners is not None:
+                await servers.start(serve_metrics, sup, listeners)
             log.info("hatun %s running: %d tunnels, backend %s, steering %s", __version__, len(sup.tunnels),
                      sup.backend_name, sup.mode)
         # sup.run has returned: stopped and cleaned up. The servers go with it.

@@ -9,12 +9,14 @@ from __future__ import annotations
 import base64
 import binascii
 import os
+import re
 import stat
 
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 from cryptography.hazmat.primitives.serialization import Encoding, NoEncryption, PrivateFormat, PublicFormat
 
 KEY_LEN = 32
+_KEY_SHAPE = re.compile(r"[A-Za-z0-9+/]{42}[AEIMQUYcgkosw048]=")
 
 
 class InvalidKey(ValueError):
@@ -119,34 +121,44 @@ class PrivateKey(_Key):
         raise TypeError("PrivateKey cannot be pickled")
 
 
+def _shown_path(path: str) -> str:
+    """PATH for a message, unless it looks like a key (pasted where a file name belongs)."""
+    text = path.strip()
+    if _KEY_SHAPE.fullmatch(text) or re.fullmatch(r"[0-9a-fA-F]{64}", text):
+        return "<redacted: that looks like a key, not a file name>"
+    return path
+
+
 def load_private_key_file(path: str, *, check_mode: bool = True) -> PrivateKey:
     """Read a private key file (one base64 key, like `wg genkey` writes).
 
     Raises InvalidKey when the file is missing, unreadable, readable by group or others
-    (when `check_mode`), or does not hold a valid key. Messages never contain the key.
+    (when `check_mode`), or does not hold a valid key. Messages never contain the key (and never a
+    "path" that is a key pasted in the wrong place).
     """
+    shown = _shown_path(path)
     try:
         st = os.stat(path)
     except FileNotFoundError:
-        raise InvalidKey(f"key file {path} does not exist") from None
+        raise InvalidKey(f"key file {shown} does not exist") from None
     except OSError as e:
-        raise InvalidKey(f"key file {path}: {e.strerror}") from None
+        raise InvalidKey(f"key file {shown}: {e.strerror}") from None
     if not stat.S_ISREG(st.st_mode):
-        raise InvalidKey(f"key file {path} is not a regular file")
+        raise InvalidKey(f"key file {shown} is not a regular file")
     if check_mode and st.st_mode & 0o077:
         raise InvalidKey(
-            f"key file {path} is accessible by group or others (mode {stat.S_IMODE(st.st_mode):04o});"
-            f" run: chmod 600 {path}"
+            f"key file {shown} is accessible by group or others (mode {stat.S_IMODE(st.st_mode):04o});"
+            f" run: chmod 600 {shown}"
         )
     try:
         with open(path, encoding="ascii", errors="replace") as f:
             text = f.read(1024)
     except OSError as e:
-        raise InvalidKey(f"key file {path}: {e.strerror}") from None
+        raise InvalidKey(f"key file {shown}: {e.strerror}") from None
     try:
         return PrivateKey.from_base64(text)
     except InvalidKey as e:
-        raise InvalidKey(f"key file {path}: {e}") from None
+        raise InvalidKey(f"key file {shown}: {e}") from None
 
 
 def load_private_key_env(name: str, environ: dict[str, str] | None = None) -> PrivateKey:

@@ -160,11 +160,17 @@ async def _respond(stream: trio.SocketStream, metrics: Metrics) -> None:
         await stream.aclose()
 
 
-async def serve_metrics(sup, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
-    """Serve /metrics, /healthz and /readyz on the configured address until cancelled."""
+async def open_metrics_listeners(config) -> list:
+    """The listening sockets for [metrics] listen. Raises OSError (e.g. the port is taken)."""
+    host, port = config.metrics.address
+    return await trio.open_tcp_listeners(port, host=host)
+
+
+async def serve_metrics(sup, listeners: list | None = None, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
+    """Serve /metrics, /healthz and /readyz on LISTENERS (default: opened here) until cancelled."""
     host, port = sup.config.metrics.address
     metrics = Metrics(sup)
-    listeners = await trio.open_tcp_listeners(port, host=host)
+    listeners = listeners or await open_metrics_listeners(sup.config)
     log.info("metrics on http://%s:%d/metrics", f"[{host}]" if ":" in host else host, port)
     async with trio.open_nursery() as nursery:
         task_status.started(metrics)

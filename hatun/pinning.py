@@ -98,6 +98,8 @@ class Pinning:
             raise PinningError(f"nft {' '.join(args)} took longer than {NFT_TIMEOUT:.0f} s") from None
         except FileNotFoundError:
             raise PinningError("nft not found: install nftables, or set routing.pin_flows = false") from None
+        except OSError as e:
+            raise PinningError(f"cannot run nft: {e.strerror or e}") from None
         if res.returncode != 0:
             msg = res.stderr.decode(errors="replace").strip().splitlines()
             raise PinningError(f"nft {' '.join(args[:2])}: {msg[0] if msg else 'exit ' + str(res.returncode)}")
@@ -113,13 +115,15 @@ class Pinning:
             raise
         marks: dict[str, int] = {}
         tags = set()
-        for obj in json.loads(out).get("nftables", []):
-            if "map" in obj and obj["map"].get("name") == MAP:
-                for elem in obj["map"].get("elem", []):
-                    key, value = elem
-                    marks[key] = value
-            elif "rule" in obj:
-                tags.add(obj["rule"].get("comment"))
+        try:
+            for obj in json.loads(out).get("nftables", []):
+                if "map" in obj and obj["map"].get("name") == MAP:
+                    for key, value in obj["map"].get("elem", []):
+                        marks[key] = value
+                elif "rule" in obj:
+                    tags.add(obj["rule"].get("comment"))
+        except (ValueError, TypeError, AttributeError) as e:
+            raise PinningError(f"nft list table inet {self.table}: unexpected output ({e})") from None
         tag = tags.pop() if len(tags) == 1 else None
         return marks, tag
 

@@ -92,9 +92,11 @@ class ProbeStream:
         self.on_result = on_result
         self.rtt_hint = rtt_hint
         self.sender: Callable[[int], str | None] = lambda seq: "not started"
-        self.pending: dict[int, tuple[float, float]] = {}  # seq -> (send time on Trio's clock, wall clock)
-        self.seq = 0
-        self.rechecked_upto = 0  # an extra probe went out for every pending probe up to this seq
+        # seq -> (send time on Trio's clock, wall clock, probe number)
+        self.pending: dict[int, tuple[float, float, int]] = {}
+        self.seq = 0  # on the wire: 1..0xFFFF, wrapping
+        self.sent = 0  # probes sent so far (never wraps): orders probes across the wrap
+        self.rechecked_upto = 0  # an extra probe went out for every probe numbered up to this
         self.generation = 0  # bumped when settings change: older SEND events are void
         self.removed = False
         self.ident: tuple[int, int] | None = None  # (IP version, ICMP echo identifier)
@@ -115,6 +117,7 @@ class Scheduler:
         self._heap: list[tuple[float, int, ProbeStream, int]] = []  # next sends
         self._counter = itertools.count()
         self._outstanding: set[ProbeStream] = set()  # streams with probes awaiting a reply
+        self._streams: set[ProbeStream] = set()  # streams being probed
         self._wake = trio.Event()
         self._wake_at = math.inf  # when the timer task plans to look next
         self.batch = MAX_SLEEP  # sends due within this long go out together (early); the shortest interval
@@ -132,14 +135,21 @@ class Scheduler:
         """Begin probing STREAM (again, with its current settings); the first probe at FIRST (default: now)."""
         stream.removed = False
         stream.generation += 1
-        self.batch = min(self.batch, max(MIN_GAP, stream.interval))
-        self.jitter = max(self.jitter, stream.jitter)
+        self._streams.add(stream)
+        self._rhythm()
         self._push(trio.current_time() if first is None else first, stream, stream.generation)
 
     def stop(self, stream: ProbeStream) -> None:
         stream.removed = True
         stream.pending.clear()
         self._outstanding.discard(stream)
+        self._streams.discard(stream)
+        self._rhythm()
+
+    def _rhythm(self) -> None:
+        # Batches follow the shortest interval of the streams there are now (and the largest jitter).
+        self.batch = max(MIN_GAP, min((st.interval for st in self._streams), default=MAX_SLEEP))
+        self.jitter = max((st.jitter for st in self._streams), default=0.0)
 
     def reply(self, stream: ProbeStream, seq: int, ok: bool = True, reason: str | None = None,
               received_wall: float | None = None) -> None:
@@ -159,12 +169,13 @@ class Scheduler:
             stream.on_result(True, trio.current_time() - sent[0], None)
 
     def _fire(self, stream: ProbeStream, now: float, wall: float) -> None:
-        seq = stream.seq = stream.seq + 1 if stream.seq < 0xFFFF else 1
+        seq = stream.seq = stream.seq % 0xFFFF + 1
+        stream.sent += 1
         failure = stream.sender(seq)
         if failure is not None:
             stream.on_result(False, None, failure)
             return
-        stream.pending[seq] = (now, wall)
+        stream.pending[seq] = (now, wall, stream.sent)
         self._outstanding.add(stream)
 
     def _check_outstanding(self, now: float) -> float:
@@ -183,13 +194,12 @@ class Scheduler:
                 self._outstanding.discard(stream)
                 continue
             due = sent + timeout
-            if seq != stream.rechecked_upto and _seq_after(seq, stream.rechecked_upto) \
-                    and (rtt := stream.rtt_hint()) is not None:
+            if pending[seq][2] > stream.rechecked_upto and (rtt := stream.rtt_hint()) is not None:
                 overdue = max(RECHECK_RTTS * rtt, RECHECK_FLOOR)
                 if overdue < stream.timeout and overdue < stream.interval * (1 - stream.jitter):
                     if now >= sent + overdue:
                         self._fire(stream, now, time.time())
-                        stream.rechecked_upto = stream.seq
+                        stream.rechecked_upto = stream.sent
                     else:
                         due = min(due, sent + overdue)
             next_due = min(next_due, due)
@@ -231,11 +241,6 @@ class Scheduler:
             self._wake = trio.Event()
             with trio.move_on_at(self._wake_at):
                 await self._wake.wait()
-
-
-def _seq_after(a: int, b: int) -> bool:
-    """Sequence numbers wrap at 16 bits: is A newer than B?"""
-    return a != b and ((a - b) & 0xFFFF) < 0x8000
 
 
 class _IcmpSocket:
@@ -302,7 +307,7 @@ class _IcmpSocket:
                     stamp = sec + nsec / 1e9
                 elif ctype == (IPV6_PKTINFO if self.version == 6 else IP_PKTINFO):
                     ifindex = struct.unpack_from("I", cdata, 16 if self.version == 6 else 0)[0]
-            _, _, _, ident, seq = struct.unpack_from("!BBHHH", data)
+            _, _, _, ident, seq = _ECHO.unpack_from(data)
             out.append((ifindex, ident, seq, stamp))
 
 

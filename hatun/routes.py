@@ -81,7 +81,13 @@ class Reconciler:
         return self.layout.table <= table <= self.layout.table + self.layout.max_slot
 
     def _our_nexthop(self, nh_id: int) -> bool:
-        return self.layout.nexthop_id <= nh_id <= self.layout.nexthop_id + GROUP_ID_OFFSET + 1
+        # Device nexthops, the two groups, and the pair the start-up uses to probe for resilient groups.
+        return self.layout.nexthop_id <= nh_id <= self.layout.nexthop_id + GROUP_ID_OFFSET + 3
+
+    def _our_rule(self, rule: Rule) -> bool:
+        # Protocol and priority: a second instance may use the same protocol with other priorities.
+        return rule.protocol == self.layout.protocol and \
+            self.layout.rule_priority <= rule.priority <= self.layout.rule_priority + 2
 
     async def read(self) -> Actual:
         """hatun's objects, read from the kernel."""
@@ -91,7 +97,7 @@ class Reconciler:
             for r in await self.rtnl.routes(family, protocol=proto):
                 if self._our_table(r.table):
                     actual.routes.append(r)
-            actual.rules += [r for r in await self.rtnl.rules(family) if r.protocol == proto]
+            actual.rules += [r for r in await self.rtnl.rules(family) if self._our_rule(r)]
         actual.nexthops = {nh.id: nh for nh in await self.rtnl.nexthops() if self._our_nexthop(nh.id) and nh.protocol == proto}
         actual.addresses = [a for a in await self.rtnl.addresses(self.lo_index) if a in self.owned_addresses]
         return actual
@@ -128,6 +134,8 @@ class Reconciler:
             if _must_recreate(have, nh):
                 await do("nexthop", f"delete nexthop group {nh.id} to re-create it", self.rtnl.delete_nexthop(nh.id))
                 have = None
+                # The kernel deleted the routes using the group with it: they must be added again below.
+                actual.routes = [r for r in actual.routes if r.nh_id != nh.id]
             verb = "replace" if have is not None else "add"
             await do("nexthop", f"{verb} nexthop {nh.id}" + (f" group {[m for m, _ in nh.group]}" if nh.group else f" dev {nh.oif}"),
                      self.rtnl.replace_nexthop(nh))

@@ -116,6 +116,8 @@ def down(config: Config, timeout: float = 30.0) -> tuple[bool, list[str]]:
         was_running = True
     except NotRunning:
         pass
+    except ControlError:
+        was_running = True  # it did not answer in time: wait for its lock below, then clean up anyway
     deadline = time.monotonic() + timeout
     while was_running and time.monotonic() < deadline:
         if _status(sock) is None and not os.path.exists(sock):

@@ -135,15 +135,17 @@ class Layout:
         return cls(routing.table, routing.rule_priority, routing.protocol, routing.nexthop_id, routing.fwmark_mask)
 
 
-def allocate_slots(names: Iterable[str], taken: dict[str, int], max_slot: int) -> dict[str, int]:
+def allocate_slots(names: Iterable[str], taken: dict[str, int], max_slot: int,
+                   reserved: Iterable[int] = ()) -> dict[str, int]:
     """Give every tunnel name a slot, keeping the slots in TAKEN (existing tunnels, or those read back
-    from the kernel after a restart) and handing out the smallest free ones to the others.
+    from the kernel after a restart) and handing out the smallest free ones to the others, never one
+    in RESERVED (held by tunnels still draining).
 
     Raises ValueError when the slots run out (the fwmark mask is too narrow).
     """
     names = list(names)
     result = {n: s for n, s in taken.items() if n in names and FIRST_SLOT <= s <= max_slot}
-    used = set(result.values())
+    used = set(result.values()) | set(reserved)
     free = (s for s in range(FIRST_SLOT, max_slot + 1) if s not in used)
     for n in names:
         if n not in result:

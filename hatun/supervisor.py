@@ -11,7 +11,7 @@
 
 A failure inside one tunnel's tasks is logged and that tunnel alone is restarted with backoff.
 State changes poke the reconciler, which computes the wanted kernel objects from the current state
-and makes the kernel match; it also runs on netlink events (drift) and every few seconds.
+and makes the kernel match; it also runs on netlink events (drift) and every 30 s (a safety net).
 """
 
 from __future__ import annotations
@@ -57,6 +57,7 @@ RESTART_ONLY = [
     ("backend",), ("run_dir",), ("control", "socket"), ("metrics", "listen"), ("routing", "table"),
     ("routing", "rule_priority"), ("routing", "protocol"), ("routing", "nexthop_id"),
     ("routing", "fwmark_mask"), ("routing", "nft_table"), ("routing", "mode"), ("routing", "pin_flows"),
+    ("routing", "hash_policy"),
 ]
 
 
@@ -94,10 +95,13 @@ class TunnelRuntime:
     probe_scope: trio.CancelScope | None = None
     probe_stream: ProbeStream | None = None
     rx_baseline: int | None = None  # rx bytes at the first failure of the current series
+    rx_baseline_ready: trio.Event | None = None
+    congestion_logged: bool = False
     congested: int = 0  # probe failures that traffic showed to be congestion
     scope: trio.CancelScope | None = None
     device_event: trio.Event = field(default_factory=trio.Event)
     done: trio.Event = field(default_factory=trio.Event)
+    drain_scope: trio.CancelScope | None = None
 
     @property
     def name(self) -> str:
@@ -115,9 +119,6 @@ class TunnelRuntime:
     def state(self) -> State:
         return display_state(self.health.health, self.drained or self.removing)
 
-    def in_service(self, decision_members: tuple[str, ...]) -> bool:
-        return self.name in decision_members
-
 
 def _get(obj, path):
     for p in path:
@@ -133,7 +134,10 @@ class Supervisor:
         self.secrets = secrets
         self.config_path = config_path
         self.layout = Layout.from_routing(config.routing)
-        self.tunnels: dict[str, TunnelRuntime] = {}
+        self.tunnels: dict[str, TunnelRuntime] = {}  # the config's tunnels, by name
+        self.draining: list[TunnelRuntime] = []  # removed by a reload, keeping their flows until torn down
+        self._reload_lock = trio.Lock()
+        self._last_nft_check = 0.0
         self.backend = None
         self.backend_name: str | None = None
         self.mode: str | None = None  # "resilient" | "multipath"
@@ -200,9 +204,6 @@ class Supervisor:
                 task_status.started(self)
                 await self.stop_requested.wait()
                 log.info("stopping%s", "" if self.cleanup_on_stop else " (keep_on_exit: tunnels and routes stay)")
-                for rt in self.tunnels.values():
-                    if rt.scope is not None:
-                        rt.scope.cancel()
                 nursery.cancel_scope.cancel()
             if self.cleanup_on_stop:
                 with trio.CancelScope(shield=True), trio.move_on_after(TEARDOWN_GRACE) as grace:
@@ -426,8 +427,7 @@ class Supervisor:
         async with trio.open_nursery() as nursery:
             nursery.start_soon(self._serve_probes, rt)
             nursery.start_soon(self._serve_device, rt)
-            if rt.cfg.endpoint.is_dns:
-                nursery.start_soon(self._serve_resolver, rt)
+            nursery.start_soon(self._serve_resolver, rt)  # idles while the endpoint is an IP address
 
     async def _refresh_link(self, rt: TunnelRuntime) -> None:
         link = await self.rtnl.link(rt.ifname)
@@ -476,11 +476,14 @@ class Supervisor:
             for rt in list(self.tunnels.values()):
                 if rt.health.health is not State.DOWN or not rt.present or rt.scope is None:
                     continue
-                if trio.current_time() - rt.health.since < KICK_INTERVAL:
+                down_for = trio.current_time() - rt.health.since
+                if down_for < KICK_INTERVAL:
                     continue
                 await self.read_status(rt)
-                age = self._handshake_age(rt)
-                if age is None or age > KICK_INTERVAL:
+                # Silent: no handshake since it went down. A down tunnel with fresh handshakes (its
+                # probe target is down, not its path) keeps its session.
+                handshake = rt.status.peer.last_handshake if rt.status and rt.status.peer else None
+                if handshake is None or handshake < time.time() - down_for:
                     log.debug("%s: no reply and no fresh handshake: starting a new session", rt.name)
                     try:
                         await self.backend.reset_peer(self.device_settings(rt))
@@ -495,7 +498,14 @@ class Supervisor:
                 log.warning("%s: wireguard-go for %s was restarted and reconfigured", rt.name, ifname)
                 self._tunnel_sysctls(rt)
                 if self._nursery is not None:
-                    self._nursery.start_soon(self._refresh_link, rt)
+                    self._nursery.start_soon(self._refresh_link_safely, rt)
+
+    async def _refresh_link_safely(self, rt: TunnelRuntime) -> None:
+        try:
+            await self._refresh_link(rt)
+        except (NetlinkError, NetlinkTimeout) as e:
+            log.warning("%s: reading device %s: %s", rt.name, rt.ifname, e)
+            self.poke()
 
     async def _serve_probes(self, rt: TunnelRuntime) -> None:
         """Probe through the tunnel while its tasks run; registered anew when the probe settings change."""
@@ -524,6 +534,10 @@ class Supervisor:
     def _on_probe(self, rt: TunnelRuntime, ok: bool, rtt: float | None, reason: str | None) -> None:
         health = rt.health
         result = health.record(ok, trio.current_time(), rtt=rtt, reason=reason)
+        if ok and health.successes >= health.rise:
+            rt.congestion_logged = False
+        if ok or (result is not None and not isinstance(result, Suspect)):
+            rt.rx_baseline, rt.rx_baseline_ready = None, None
         if result is None:
             # The first failure of an up tunnel: note how much it has received, in case its probes
             # go on failing while traffic still flows in (congestion, not a dead path).
@@ -535,26 +549,31 @@ class Supervisor:
             self._on_transition(rt, result)
 
     async def _rx_bytes(self, rt: TunnelRuntime) -> int | None:
-        try:
-            status = await self.backend.get(rt.ifname, with_link=False)
-        except WireGuardError:
-            return None
+        status = await self.read_status(rt)
         return status.peer.rx_bytes if status is not None and status.peer is not None else None
 
     async def _rx_baseline(self, rt: TunnelRuntime) -> None:
+        ready = rt.rx_baseline_ready = trio.Event()
         rt.rx_baseline = await self._rx_bytes(rt)
+        ready.set()
 
     async def _confirm_down(self, rt: TunnelRuntime) -> None:
         """`fall` probes failed on an up tunnel. If it received traffic since the first of them, the
         path works and the probes were lost to congestion (a saturated tunnel or CPU): moving its
-        flows would break them at the gateways' NAT, so it stays up. Else it goes down."""
+        flows would break them at the gateways' NAT, so it stays up. Else (or without a baseline,
+        e.g. with fall = 1) it goes down."""
+        if rt.rx_baseline_ready is not None:
+            with trio.move_on_after(1.0):
+                await rt.rx_baseline_ready.wait()
         baseline, now_rx = rt.rx_baseline, await self._rx_bytes(rt)
         received = now_rx - baseline if now_rx is not None and baseline is not None else 0
         if received > CONGESTION_RX_BYTES and rt.health.suspect:
             rt.health.clear_suspect()
             rt.congested += 1
-            log.info("%s: %d probes lost, but %d bytes arrived meanwhile: congested, not down",
-                     rt.name, rt.health.fall, received)
+            if not rt.congestion_logged:
+                rt.congestion_logged = True
+                log.info("%s: %d probes lost, but %d bytes arrived meanwhile: congested, not down"
+                         " (logged once until it recovers)", rt.name, rt.health.fall, received)
             return
         transition = rt.health.confirm_down(trio.current_time())
         if transition is not None:
@@ -595,6 +614,8 @@ class Supervisor:
         last = trio.current_time()
         while True:
             await trio.sleep(RESOLVE_RETRY / 2)
+            if not rt.cfg.endpoint.is_dns:
+                continue
             age = self._handshake_age(rt)
             troubled = rt.endpoint is None or rt.health.health is State.DOWN or age is None or age > 135
             since = trio.current_time() - last
@@ -671,26 +692,33 @@ class Supervisor:
                     if isinstance(obj, Link):
                         self._on_link_event(ev.action, obj)
                     elif isinstance(obj, (Route, Rule)) and obj.protocol == proto:
-                        self._maybe_drift(ev, obj)
+                        self.poke()  # ours, changed: by us, or behind our back (drift)
                     elif isinstance(obj, Nexthop) and self.reconciler._our_nexthop(obj.id):
-                        self._maybe_drift(ev, obj)
+                        self.poke()
             except EventsOverflow:
                 log.info("netlink events overflowed: re-reading the state")
-                for link in await self.rtnl.links():
-                    self._on_link_event("new", link)
-                for rt in self.tunnels.values():
-                    await self._refresh_link(rt)
+                try:
+                    links = await self.rtnl.links()
+                    for rt in self.runtimes():
+                        self._set_link(rt, next((l for l in links if l.name == rt.ifname), None))
+                except (NetlinkError, NetlinkTimeout) as e:
+                    log.warning("re-reading the links after an overflow: %s", e)
                 self.poke()
 
     def _on_link_event(self, action: str, link: Link) -> None:
-        for rt in self.tunnels.values():
+        for rt in self.runtimes():
             if rt.ifname == link.name or (action == "del" and rt.ifindex == link.index):
                 self._set_link(rt, None if action == "del" else link)
 
-    def _maybe_drift(self, ev, obj) -> None:
-        self.poke()
-
     # ------------------------------------------------------------ steering
+
+    def runtimes(self) -> list[TunnelRuntime]:
+        """Every tunnel hatun has devices for: the config's, and those draining after a reload."""
+        return [*self.tunnels.values(), *self.draining]
+
+    def _key(self, rt: TunnelRuntime) -> str:
+        # A draining tunnel may share its name with a new one (its interface was renamed).
+        return rt.name if self.tunnels.get(rt.name) is rt else f"{rt.name}@{rt.ifname}"
 
     def poke(self) -> None:
         """Something changed: the reconciler should look again (soon, coalesced)."""
@@ -698,9 +726,9 @@ class Supervisor:
 
     def views(self) -> list[TunnelView]:
         return [
-            TunnelView(rt.name, rt.ifname, rt.slot, rt.cfg.weight, rt.cfg.priority, rt.health.health,
+            TunnelView(self._key(rt), rt.ifname, rt.slot, rt.cfg.weight, rt.cfg.priority, rt.health.health,
                        drained=rt.drained or rt.removing, present=rt.present, presumed_up=rt.presumed_up)
-            for rt in self.tunnels.values()
+            for rt in self.runtimes()
         ]
 
     def _wanted(self):
@@ -710,17 +738,17 @@ class Supervisor:
             self.previous_members = decision.members
         self.decision = decision
         tunnels = [
-            RenderTunnel(rt.name, rt.slot, rt.ifindex if rt.present else None,
+            RenderTunnel(self._key(rt), rt.slot, rt.ifindex if rt.present else None,
                          tuple(a.network for a in rt.cfg.address),
                          {a.version: default_peer_address(a) for a in rt.cfg.address})
-            for rt in self.tunnels.values()
+            for rt in self.runtimes()
         ]
         return render(decision, tunnels, prefixes=r.prefixes, sources=r.source, layout=self.layout, mode=self.mode,
                       resilient=Resilient(r.buckets, r.idle_timer, r.unbalanced_timer), pin_flows=r.pin_flows,
                       lo_index=self._lo_index)
 
     async def _serve_reconciler(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
-        """Make the kernel match the wanted state on every poke, and every few seconds anyway."""
+        """Make the kernel match the wanted state on every poke, and every FULL_SYNC_INTERVAL anyway."""
         first = True
         while True:
             if not first:
@@ -760,7 +788,7 @@ class Supervisor:
     async def _sync_pinning(self) -> None:
         if self.pinning is None:
             return
-        marks = {rt.ifname: self.layout.mark(rt.slot) for rt in self.tunnels.values()}
+        marks = {rt.ifname: self.layout.mark(rt.slot) for rt in self.runtimes()}
         if marks != self._marks_applied or self._poke_full():
             await self.pinning.apply(marks)
             self._marks_applied = marks
@@ -768,7 +796,7 @@ class Supervisor:
     def _poke_full(self) -> bool:
         # The nftables table is checked on the periodic full sync too (drift), not on every poke.
         now = trio.current_time()
-        if now - getattr(self, "_last_nft_check", 0.0) >= FULL_SYNC_INTERVAL:
+        if now - self._last_nft_check >= FULL_SYNC_INTERVAL:
             self._last_nft_check = now
             return True
         return False
@@ -796,17 +824,21 @@ class Supervisor:
                 await self.pinning.remove()
             except PinningError as e:
                 log.error("clean-up of nftables: %s", e)
-        for rt in self.tunnels.values():
+        async def delete(rt: TunnelRuntime) -> None:
             try:
                 await self.backend.delete(rt.ifname)
             except WireGuardError as e:
                 log.error("clean-up of %s: %s", rt.ifname, e)
+
+        async with trio.open_nursery() as nursery:  # in parallel: each may wait for a process to end
+            for rt in self.runtimes():
+                nursery.start_soon(delete, rt)
         self._restore_sysctls()
         try:
             os.unlink(self._state_path)
         except OSError:
             pass
-        log.info("removed hatun's routes, rules, nexthops and %d tunnel devices", len(self.tunnels))
+        log.info("removed hatun's routes, rules, nexthops and %d tunnel devices", len(self.runtimes()))
 
     # ------------------------------------------------------------ drain and reload
 
@@ -824,50 +856,71 @@ class Supervisor:
     async def reload(self) -> tuple[bool, str]:
         """Re-read the config file; apply only what changed. An invalid file changes nothing.
 
-        Returns (ok, message).
+        Returns (ok, message). Reloads run one at a time.
         """
         if self.config_path is None:
             return False, "no config file to reload"
-        try:
-            new, secrets = load_config(self.config_path)
-        except ConfigUnreadable as e:
-            return self._reload_done(False, f"reload refused, still running the previous config: {e}")
-        except ConfigError as e:
-            problems = "; ".join(str(p) for p in e.problems[:5]) + (f" (+{len(e.problems) - 5} more)" if len(e.problems) > 5 else "")
-            return self._reload_done(False, f"reload refused, still running the previous config: {problems}")
-        for path in RESTART_ONLY:
-            if _get(new, path) != _get(self.config, path):
-                return self._reload_done(False, f"reload refused: {'.'.join(path)} cannot change while hatun runs;"
-                                                " restart hatun to apply it")
+        if self._nursery is None:
+            return False, "hatun is still starting: reload again in a moment"
+        async with self._reload_lock:
+            try:
+                new, secrets = load_config(self.config_path)
+            except ConfigUnreadable as e:
+                return self._reload_done(False, f"reload refused, still running the previous config: {e}")
+            except ConfigError as e:
+                problems = "; ".join(str(p) for p in e.problems[:5]) + (
+                    f" (+{len(e.problems) - 5} more)" if len(e.problems) > 5 else "")
+                return self._reload_done(False, f"reload refused, still running the previous config: {problems}")
+            for path in RESTART_ONLY:
+                if _get(new, path) != _get(self.config, path):
+                    return self._reload_done(False, f"reload refused: {'.'.join(path)} cannot change while hatun"
+                                                    " runs; restart hatun to apply it")
+            # Every slot in use stays reserved: a tunnel about to drain keeps its own until torn down.
+            reserved = {rt.slot for rt in self.runtimes()}
+            try:
+                slots = allocate_slots([t.name for t in new.tunnels],
+                                       {n: rt.slot for n, rt in self.tunnels.items()}, self.layout.max_slot, reserved)
+            except ValueError as e:
+                return self._reload_done(False, f"reload refused: {e} (or wait until removed tunnels are torn down)")
+            return self._reload_done(True, await self._apply_config(new, secrets, slots))
+
+    async def _apply_config(self, new: Config, secrets: Secrets, slots: dict[str, int]) -> str:
+        """Move to NEW: remove (drain), revive, update and add tunnels. Returns a summary."""
         old = self.config
         self.config, self.secrets = new, secrets
         self.cleanup_on_stop = not new.keep_on_exit
-        old_names = {t.name for t in old.tunnels}
-        new_by_name = {t.name: t for t in new.tunnels}
-        removed = [n for n in old_names if n not in new_by_name or new_by_name[n].ifname != self.tunnels[n].ifname]
-        added = [t for t in new.tunnels if t.name not in self.tunnels or t.name in removed]
+        wanted = {t.name: t for t in new.tunnels}
         summary = []
-        slots = allocate_slots([t.name for t in new.tunnels],
-                               {n: rt.slot for n, rt in self.tunnels.items() if n not in removed}, self.layout.max_slot)
+        # Removed, or moved to another interface: drained, then torn down (a new runtime takes the name).
+        for name, rt in list(self.tunnels.items()):
+            if name not in wanted or wanted[name].ifname != rt.ifname:
+                del self.tunnels[name]
+                self.draining.append(rt)
+                summary.append(f"-{name}")
+                self._nursery.start_soon(self._remove_tunnel, rt)
         now = trio.current_time()
-        replacements = {t.name: self._new_runtime(t, slots[t.name], now) for t in added if t.name in removed}
-        for name in removed:
-            summary.append(f"-{name}")
-            self._nursery.start_soon(self._remove_tunnel, self.tunnels[name], replacements.get(name))
         for t in new.tunnels:
             rt = self.tunnels.get(t.name)
-            if rt is None or t.name in removed:
-                continue
-            if t != rt.cfg or self.secrets.keys[t.name] != rt.key or self.config.health_for(t) != old.health_for(rt.cfg):
+            if rt is None:
+                # Back before its drain ended (same interface): it simply stays.
+                rt = next((d for d in self.draining if d.ifname == t.ifname), None)
+                if rt is not None:
+                    self.draining.remove(rt)
+                    rt.removing = False
+                    if rt.drain_scope is not None:
+                        rt.drain_scope.cancel()
+                    self.tunnels[t.name] = rt
+                    summary.append(f"+{t.name}")
+                    await self._update_tunnel(rt, t)
+                    continue
+                rt = self.tunnels[t.name] = self._new_runtime(t, slots[t.name], now)
+                summary.append(f"+{t.name}")
+                self._start_tunnel(rt)
+            elif t != rt.cfg or secrets.keys[t.name] != rt.key or new.health_for(t) != old.health_for(rt.cfg):
                 summary.append(f"~{t.name}")
                 await self._update_tunnel(rt, t)
-        for t in added:
-            summary.append(f"+{t.name}")
-            if t.name not in removed:  # a renamed interface starts once the old one is gone
-                rt = self.tunnels[t.name] = self._new_runtime(t, slots[t.name], now)
-                self._start_tunnel(rt)
         self.poke()
-        return self._reload_done(True, "reloaded" + (f": {' '.join(summary)}" if summary else ": nothing changed"))
+        return "reloaded" + (f": {' '.join(summary)}" if summary else ": nothing changed")
 
     def _reload_done(self, ok: bool, message: str) -> tuple[bool, str]:
         self.reloads["success" if ok else "failure"] += 1
@@ -877,6 +930,7 @@ class Supervisor:
         return ok, message
 
     async def _update_tunnel(self, rt: TunnelRuntime, t: Tunnel) -> None:
+        """Apply tunnel T's new settings to RT: device settings (only what differs), probes, health."""
         old = rt.cfg
         h = self.config.health_for(t)
         probe_changed = (t.probe_target != old.probe_target or h.interval != rt.interval or h.timeout != rt.timeout
@@ -886,33 +940,41 @@ class Supervisor:
         rt.interval, rt.timeout, rt.jitter, rt.handshake_timeout = h.interval, h.timeout, h.jitter, h.handshake_timeout
         if t.endpoint != old.endpoint:
             await self._resolve(rt)
-        changes = await self.backend.apply(self.device_settings(rt))
-        if changes:
-            log.info("%s: device updated: %s", rt.name, ", ".join(sorted(changes.changed)) or "created")
+        try:
+            changes = await self.backend.apply(self.device_settings(rt))
+        except WireGuardError as e:
+            # The tunnel's own task retries with backoff; the reload itself went through.
+            rt.last_error = str(e)
+            log.error("%s: the new settings could not be applied: %s", rt.name, e)
+        else:
+            if changes:
+                log.info("%s: device updated: %s", rt.name, ", ".join(sorted(changes.changed)) or "created")
         if probe_changed and rt.probe_scope is not None:
             rt.probe_scope.cancel()
 
-    async def _remove_tunnel(self, rt: TunnelRuntime, replacement: TunnelRuntime | None = None) -> None:
-        """Drain a removed tunnel (no new flows, existing flows keep it) then tear it down; then start
-        REPLACEMENT (the same tunnel name on a new interface), if any."""
+    async def _remove_tunnel(self, rt: TunnelRuntime) -> None:
+        """Drain a removed tunnel (no new flows, existing flows keep it) then tear it down. A reload that
+        brings it back before that cancels the drain (rt.drain_scope) and keeps it."""
         rt.removing = True
         self.poke()
         log.info("%s: removed from the config: draining for up to %s", rt.name, self.config.routing.drain_timeout)
-        await self._wait_idle(rt, self.config.routing.drain_timeout)
+        with trio.CancelScope() as scope:
+            rt.drain_scope = scope
+            await self._wait_idle(rt, self.config.routing.drain_timeout)
+        rt.drain_scope = None
+        if scope.cancelled_caught:
+            return  # back in the config
+        if rt in self.draining:
+            self.draining.remove(rt)
         if rt.scope is not None:
             rt.scope.cancel()
-        await rt.done.wait()
-        rt.health.health = State.DOWN
+        with trio.move_on_after(TEARDOWN_GRACE):
+            await rt.done.wait()
         self.poke()
         try:
             await self.backend.delete(rt.ifname)
         except WireGuardError as e:
             log.error("%s: %s", rt.name, e)
-        if self.tunnels.get(rt.name) is rt:
-            del self.tunnels[rt.name]
-        if replacement is not None:
-            self.tunnels[replacement.name] = replacement
-            self._start_tunnel(replacement)
         self.poke()
         log.info("%s: torn down", rt.name)
 
@@ -939,7 +1001,7 @@ class Supervisor:
         now = trio.current_time()
         wall = time.time()
         out = []
-        for rt in self.tunnels.values():
+        for rt in self.runtimes():
             peer = rt.status.peer if rt.status else None
             age = self._handshake_age(rt)
             out.append({
@@ -947,8 +1009,8 @@ class Supervisor:
                 "drained": rt.drained, "removing": rt.removing,
                 "since": wall - (now - rt.health.since), "for_seconds": now - rt.health.since,
                 "rtt_seconds": rt.health.rtt_avg, "rtt_last_seconds": rt.health.rtt_last, "loss": rt.health.loss,
-                "weight": rt.cfg.weight if rt.name in members else 0, "configured_weight": rt.cfg.weight,
-                "priority": rt.cfg.priority, "in_route": rt.name in members, "pinned": rt.name in pinned,
+                "weight": rt.cfg.weight if self._key(rt) in members else 0, "configured_weight": rt.cfg.weight,
+                "priority": rt.cfg.priority, "in_route": self._key(rt) in members, "pinned": self._key(rt) in pinned,
                 "rx_bytes": peer.rx_bytes if peer else None, "tx_bytes": peer.tx_bytes if peer else None,
                 "rx_rate": rt.rx_rate, "tx_rate": rt.tx_rate,
                 "last_handshake": peer.last_handshake if peer else None, "handshake_age_seconds": age,

@@ -213,7 +213,8 @@ def test_fuzz_random_bytes_never_traceback(capsys, workdir, data):
 
 
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
-@given(key_field=st.sampled_from(["private_key", "peer_public_key", "pk", "endpoint", "name", "prefixes"]))
+@given(key_field=st.sampled_from(["private_key", "peer_public_key", "pk", "endpoint", "name", "prefixes",
+                                   "private_key_file", "private_key_env", "interface", "address"]))
 def test_private_key_in_wrong_place_never_echoed(capsys, workdir, key_field):
     secret = ALICE.base64
     text = f'[routing]\nprefixes = ["198.19.77.0/24"]\n[[tunnels]]\n{key_field} = "{secret}"\n'

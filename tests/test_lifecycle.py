@@ -292,3 +292,34 @@ async def test_reload_loses_no_packet(lab_factory, hatun_factory):
     assert sum(len(f.lost()) for f in run.flows) == 0
     assert all(len(f.gateways()) == 1 for f in run.flows)
     await trio.to_thread.run_sync(lambda: hatun.wait(lambda s: members(s) == ["gw1", "gw2", "gw3"], 10, "gw3 joined"))
+
+
+def test_reload_edge_cases_and_bad_requests(lab_factory, hatun_factory):
+    """A tunnel removed and re-added before its drain ends keeps running; replacing one tunnel by
+    another in one reload gives the newcomer a slot of its own; malformed control requests are
+    refused and hatun keeps running."""
+    lab = lab_factory(3)
+    edit_config(lab, routing={"drain_timeout": '"20s"'}, drop=["gw3"])
+    hatun = hatun_factory(lab)
+    hatun.wait(lambda s: members(s) == ["gw1", "gw2"], 10, "gw1, gw2")
+    # Remove gw2 (it drains), then bring it back before the drain ends.
+    edit_config(lab, routing={"drain_timeout": '"20s"'}, drop=["gw2", "gw3"])
+    assert hatun_cli(None, "reload", "--socket", lab.control_socket).returncode == 0
+    hatun.wait(lambda s: members(s) == ["gw1"], 5, "gw2 draining")
+    edit_config(lab, routing={"drain_timeout": '"20s"'}, drop=["gw3"])
+    assert hatun_cli(None, "reload", "--socket", lab.control_socket).returncode == 0
+    hatun.wait(lambda s: members(s) == ["gw1", "gw2"], 5, "gw2 back")
+    # Replace gw2 by gw3 in one reload: gw2 drains while gw3 joins, each with its own mark slot.
+    edit_config(lab, routing={"drain_timeout": '"20s"'}, drop=["gw2"])
+    assert hatun_cli(None, "reload", "--socket", lab.control_socket).returncode == 0
+    s = hatun.wait(lambda s: members(s) == ["gw1", "gw3"], 10, "gw3 joined")
+    assert {t["name"] for t in s["tunnels"]} == {"gw1", "gw2", "gw3"}  # gw2 still draining
+    nexthops = ns_output(lab.runner, "ip", "nexthop").splitlines()
+    ids = [line.split()[1] for line in nexthops]
+    assert len(ids) == len(set(ids))
+    time.sleep(1.0)
+    assert "repaired drift" not in hatun.log()
+    for req in ({"command": "drain", "tunnel": [1]}, {"command": "stop", "cleanup": "false"}, {"command": 7}):
+        reply = hatun.control(req)
+        assert reply["ok"] is False and reply["error"]
+    assert hatun.proc.poll() is None and members(hatun.status()) == ["gw1", "gw3"]

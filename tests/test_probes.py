@@ -216,3 +216,16 @@ def test_tcp_probe(two_paths):
     finally:
         server.kill()
         server.wait(timeout=5)
+
+
+async def test_rechecks_keep_working_across_the_sequence_wrap(autojump_clock):
+    """Sequence numbers wrap at 16 bits; the overdue check orders probes by a counter that never does."""
+    async def kill_later(peer):
+        peer.stream.seq, peer.stream.sent = 0xFFF0, 40000  # far past half the sequence space
+        await trio.sleep(0.55)
+        peer.alive = False
+
+    results, peer = await probe_for(1.2, chaos=kill_later, rtt_hint=lambda: 0.002,
+                                    interval=0.1, timeout=0.25, jitter=0.0)
+    sends = [round(t, 3) for _, t in peer.sent]
+    assert 0.62 <= sends[sends.index(0.6) + 1] <= 0.625  # the extra probe still goes out

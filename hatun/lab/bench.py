@@ -31,10 +31,12 @@ from hatun.lab.process import HatunProcess
 from hatun.lab.topology import Lab
 
 SCENARIOS = ("failover", "drain", "restart", "weights", "throughput", "scale")
-HEALTH_SETS = {
-    "default": {"interval": '"100ms"', "timeout": '"250ms"', "rise": "3", "fall": "2"},
-    "fast": {"interval": '"50ms"', "timeout": '"100ms"', "rise": "3", "fall": "2"},
-}
+SLOW = 1.0  # set by run_bench: health timings x SLOW, packet rates / SLOW (emulated CPUs)
+
+
+def _health(name: str) -> dict:
+    base = {"default": (0.1, 0.25), "fast": (0.05, 0.1)}[name]
+    return {"interval": f'"{base[0] * SLOW:g}s"', "timeout": f'"{base[1] * SLOW:g}s"', "rise": "3", "fall": "2"}
 
 
 @dataclass
@@ -141,9 +143,9 @@ class _Scene:
         self.lab = await _lab_op(topology.lab_up, _lab_name(), self.gateways, self.backend, False)
         write_config(self.lab, self.health, self.routing, self.tunnels, self.top)
         self.hatun = HatunProcess(self.lab, args=("--log-level", "info"))
-        await _thread(lambda: self.hatun.start(timeout=60))
-        await _thread(lambda: self.hatun.wait(lambda s: len(s["route"]["members"]) == self.expected_members(), 60,
-                                              "tunnels in service"))
+        await _thread(lambda: self.hatun.start(timeout=60 * SLOW))
+        await _thread(lambda: self.hatun.wait(lambda s: len(s["route"]["members"]) == self.expected_members(),
+                                              60 * SLOW, "tunnels in service"))
         return self
 
     def expected_members(self) -> int:
@@ -191,7 +193,7 @@ async def bench_failover(report: Report, backend: str, runs: int, quick: bool) -
         broken = report.figure(sc, "TCP connections broken at failback", "flows", "= 0")
         share = report.figure(sc, "healed tunnel's share of new flows 5 s after failback", "%")
         for _ in range(runs):
-            async with _Scene(3, backend, health=HEALTH_SETS[hs]) as s:
+            async with _Scene(3, backend, health=_health(hs)) as s:
                 lab, hatun = s.lab, s.hatun
                 marks: dict[str, float] = {}
                 conns: list = []
@@ -200,11 +202,11 @@ async def bench_failover(report: Report, backend: str, runs: int, quick: bool) -
                     await trio.sleep(2.0)
                     marks["fail"] = trio.current_time()
                     await _lab_op(topology.lab_fail, lab.name, "gw2", "blackhole")
-                    await _wait_status(hatun, lambda st: "gw2" not in st["route"]["members"], 10, "gw2 out")
+                    await _wait_status(hatun, lambda st: "gw2" not in st["route"]["members"], 10 * SLOW, "gw2 out")
                     await trio.sleep(1.0)
                     marks["heal"] = trio.current_time()
                     await _lab_op(topology.lab_heal, lab.name, "gw2")
-                    await _wait_status(hatun, lambda st: "gw2" in st["route"]["members"], 20, "gw2 back")
+                    await _wait_status(hatun, lambda st: "gw2" in st["route"]["members"], 20 * SLOW, "gw2 back")
                     marks["back"] = trio.current_time()
 
                 async def tcp():
@@ -214,7 +216,7 @@ async def bench_failover(report: Report, backend: str, runs: int, quick: bool) -
 
                 async with trio.open_nursery() as n:
                     n.start_soon(tcp)
-                    run = await traffic.udp_flows(lab.runner, topology.SERVICE, flows=64, rate=1000,
+                    run = await traffic.udp_flows(lab.runner, topology.SERVICE, flows=64, rate=1000 / SLOW,
                                                   duration=7.0 if not quick else 5.0, on_start=chaos)
                 failed = [f for f in run.flows if f.gateways()[:1] == ["gw2"]]
                 others = [f for f in run.flows if f.gateways()[:1] not in (["gw2"], [])]
@@ -307,7 +309,8 @@ async def bench_throughput(report: Report, backend: str, runs: int, quick: bool)
             # iperf3 saturates both CPUs of a small machine: probes through the busy tunnels queue far
             # beyond 250 ms, so a tolerant timeout keeps false failovers out of a data-plane figure.
             async with _Scene(n, backend, top={"keep_on_exit": "true"},
-                              health={"interval": '"100ms"', "timeout": '"1s"', "rise": "3", "fall": "3"}) as s:
+                              health={"interval": f'"{0.1 * SLOW:g}s"', "timeout": f'"{SLOW:g}s"', "rise": "3",
+                                      "fall": "3"}) as s:
                 lab = s.lab
                 server = subprocess.Popen(["ip", "netns", "exec", lab.lan, "iperf3", "-s", "-B", topology.SERVICE],
                                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -424,14 +427,19 @@ RUNNERS: dict[str, Callable] = {
 }
 
 
-async def run_bench(scenarios: list[str], *, runs: int, quick: bool, backend: str = "auto",
+async def run_bench(scenarios: list[str], *, runs: int, quick: bool, backend: str = "auto", slow: float = 1.0,
                     progress: Callable[[str], None] = lambda s: None) -> Report:
-    """Run SCENARIOS (all when empty) RUNS times each; QUICK: small sizes (a smoke run for CI)."""
+    """Run SCENARIOS (all when empty) RUNS times each; QUICK: small sizes (a smoke run for CI).
+    SLOW > 1 stretches health timings and lowers packet rates, for emulated (slow) CPUs."""
+    global SLOW
+    SLOW = slow
     from hatun.wireguard import select_backend
 
     topology.require_root()
     kind = await select_backend(backend)
     report = Report(machine_info(kind))
+    if slow != 1.0:
+        report.notes.append(f"slow factor {slow:g}: health intervals and timeouts x{slow:g}, packet rates /{slow:g}")
     for name in scenarios or list(SCENARIOS):
         if name not in RUNNERS:
             raise topology.LabError(f"unknown scenario {name!r}: choose from {', '.join(SCENARIOS)}")
@@ -439,10 +447,13 @@ async def run_bench(scenarios: list[str], *, runs: int, quick: bool, backend: st
         t0 = time.monotonic()
         try:
             await RUNNERS[name](report, kind, runs, quick)
-        except (topology.LabError, AssertionError, OSError) as e:
-            # One scenario failing must not lose the others' figures: say so and go on.
-            report.notes.append(f"{name}: stopped by an error: {str(e).splitlines()[0][:300]}")
-            progress(f"bench: {name} failed: {e}")
+        except Exception as e:  # noqa: BLE001 - one scenario failing must not lose the others' figures
+            leaf = e
+            while isinstance(leaf, BaseExceptionGroup) and leaf.exceptions:
+                leaf = leaf.exceptions[0]
+            text = (str(leaf).splitlines() or [type(leaf).__name__])[0][:300]
+            report.notes.append(f"{name}: stopped by an error: {type(leaf).__name__}: {text}")
+            progress(f"bench: {name} failed: {type(leaf).__name__}: {text}")
         finally:
             _restore_inotify()
         progress(f"bench: {name} done in {time.monotonic() - t0:.0f} s")

@@ -32,7 +32,7 @@ from dataclasses import asdict, dataclass, field
 import trio
 
 from hatun.keys import PrivateKey, load_private_key_file, write_private_key_file
-from hatun.wireguard.model import BackendUnavailable, DeviceSettings, PeerSettings
+from hatun.wireguard.model import BackendUnavailable, DeviceSettings, PeerSettings, WireGuardError
 
 log = logging.getLogger("hatun.lab")
 
@@ -131,7 +131,8 @@ READABLE = 98
 def tunnel_net(i: int, v6: bool = False):
     """Tunnel I's subnet: gateway .1, runner .2 (IPv6: 2001:2:0:(100+I)::/64, same roles)."""
     if v6:
-        return ipaddress.ip_network(f"2001:2:0:{100 + i:x}::/64")
+        # Written in decimal digits (hextets are hex): 101, 102, ... never meet the LAN's 77 or 99.
+        return ipaddress.ip_network(f"2001:2:0:{100 + i}::/64")
     if i <= READABLE:
         base = ipaddress.ip_address("198.18.100.0") + 256 * i
     else:
@@ -215,7 +216,10 @@ async def _start_gateway_wireguard(lab: Lab, i: int) -> None:
     async def apply(backend):
         await backend.apply(settings)
 
-    await _with_backend(lab, lab.gw_ns(i), apply)
+    try:
+        await _with_backend(lab, lab.gw_ns(i), apply)
+    except WireGuardError as e:
+        raise LabError(f"gateway gw{i}'s WireGuard: {e}") from None
     # Replies to the runner's source address go back into the tunnel they came from.
     routes = [f"route replace {SOURCE}/32 dev {lab.gw_ifname(i)}"]
     if lab.ipv6:

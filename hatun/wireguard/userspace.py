@@ -59,6 +59,13 @@ def _netns_path(netns: str | None) -> str:
     return "/proc/self/ns/net" if netns is None else netns_path(netns)
 
 
+def _signal_name(number: int) -> str:
+    try:
+        return signal.Signals(number).name
+    except ValueError:  # real-time signals have no name
+        return f"signal {number}"
+
+
 def _cmdline(pid: int) -> list[str]:
     try:
         with open(f"/proc/{pid}/cmdline", "rb") as f:
@@ -143,14 +150,21 @@ class UserspaceBackend:
         Raises WireGuardError when wireguard-go cannot be started or refuses the configuration.
         """
         check_ifname(settings.ifname)
-        dev = self._devices.setdefault(settings.ifname, _Device(settings.ifname))
-        async with dev.lock:
+        while True:
+            dev = self._devices.setdefault(settings.ifname, _Device(settings.ifname))
+            await dev.lock.acquire()
+            if self._devices.get(settings.ifname) is dev:
+                break
+            dev.lock.release()  # deleted while we waited: start over with a fresh record
+        try:
             dev.deleted = False
             created = await self._ensure_running(dev)
             changes = await self._configure(settings, created)
             dev.settings = settings
             if dev.scope is None:  # under the lock: one watcher per device
                 await self._nursery.start(self._supervise, dev)
+        finally:
+            dev.lock.release()
         return changes
 
     async def get(self, ifname: str, *, with_link: bool = True) -> DeviceStatus | None:
@@ -415,7 +429,7 @@ class UserspaceBackend:
                 why = "is not running"
             elif process is not None and process.pid == pid:
                 code = await process.wait()
-                why = f"killed by {signal.Signals(-code).name}" if code < 0 else f"exited with status {code}"
+                why = f"killed by {_signal_name(-code)}" if code < 0 else f"exited with status {code}"
             else:
                 await _wait_exit(pid)
                 why = "exited"
@@ -459,6 +473,12 @@ class UserspaceBackend:
 
     def _read_log(self, dev: _Device) -> None:
         path = self._log_path(dev.ifname)
+        try:
+            self._read_log_file(dev, path)
+        except OSError as e:  # e.g. EMFILE: the log can wait for the next look
+            log.debug("%s: reading %s: %s", dev.ifname, path, e)
+
+    def _read_log_file(self, dev: _Device, path: str) -> None:
         try:
             size = os.stat(path).st_size
             if size < dev.log_pos:  # truncated by a restart

@@ -18,6 +18,7 @@ log = logging.getLogger("hatun.control")
 
 MAX_LINE = 64 * 1024
 CLIENT_TIMEOUT = 10.0
+STATUS_MAX_AGE = 0.2  # s: status polled faster than this reuses the counters it read last
 
 
 class ControlError(Exception):
@@ -64,7 +65,7 @@ async def _command(sup, req: dict) -> dict:
     cmd = req.get("command")
     if cmd == "status":
         for rt in list(sup.tunnels.values()):
-            await sup.read_status(rt)  # fresh counters and rates
+            await sup.read_status(rt, max_age=STATUS_MAX_AGE)  # fresh counters and rates
         return {"ok": True, "status": sup.snapshot()}
     if cmd in ("drain", "undrain"):
         name = req.get("tunnel")

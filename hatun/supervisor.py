@@ -86,6 +86,7 @@ class TunnelRuntime:
     endpoint_error: str | None = None
     status: DeviceStatus | None = None
     rate_sample: tuple[float, int, int] | None = None  # (time, rx, tx) the rates are measured from
+    status_at: float | None = None  # when `status` was read (trio clock)
     rx_rate: float = 0.0
     tx_rate: float = 0.0
     last_error: str | None = None
@@ -631,16 +632,19 @@ class Supervisor:
 
     # ------------------------------------------------------------ observing
 
-    async def read_status(self, rt: TunnelRuntime) -> DeviceStatus | None:
+    async def read_status(self, rt: TunnelRuntime, max_age: float = 0.0) -> DeviceStatus | None:
         """Fresh counters of RT's device (kept as rt.status); updates its rates. Never raises for a
-        missing device."""
+        missing device. MAX_AGE > 0: counters read that recently are fresh enough (a client that
+        polls status in a tight loop must not turn each poll into a device read per tunnel)."""
+        if max_age > 0 and rt.status_at is not None and trio.current_time() - rt.status_at < max_age:
+            return rt.status
         try:
             status = await self.backend.get(rt.ifname, with_link=False)
         except WireGuardError as e:
             log.debug("%s: %s", rt.name, e)
             status = None
         now = trio.current_time()
-        rt.status = status
+        rt.status, rt.status_at = status, now
         peer = status.peer if status is not None else None
         if peer is None:
             rt.rate_sample = None

@@ -176,7 +176,7 @@ def write_config(lab: Lab, health=None, routing=None, tunnels=None, top=None) ->
 
 
 async def _wait_status(hatun: HatunProcess, predicate, timeout: float, what: str) -> dict:
-    return await _thread(lambda: hatun.wait(predicate, timeout, what, interval=0.01))
+    return await _thread(lambda: hatun.wait(predicate, timeout, what, interval=0.01 * SLOW))  # polling must not load a slow CPU
 
 
 # ---------------------------------------------------------------- scenarios
@@ -192,6 +192,8 @@ async def bench_failover(report: Report, backend: str, runs: int, quick: bool) -
         failback = report.figure(sc, "failback: heal -> back in the route", "ms")
         broken = report.figure(sc, "TCP connections broken at failback", "flows", "= 0")
         share = report.figure(sc, "healed tunnel's share of new flows 5 s after failback", "%")
+        false_down = report.figure(sc, "healthy tunnels taken out of service (false failovers)", "transitions", "= 0")
+        t = SLOW  # the whole timeline stretches on a slow (emulated) CPU
         for _ in range(runs):
             async with _Scene(3, backend, health=_health(hs)) as s:
                 lab, hatun = s.lab, s.hatun
@@ -199,37 +201,39 @@ async def bench_failover(report: Report, backend: str, runs: int, quick: bool) -
                 conns: list = []
 
                 async def chaos():
-                    await trio.sleep(2.0)
+                    await trio.sleep(2.0 * t)
                     marks["fail"] = trio.current_time()
                     await _lab_op(topology.lab_fail, lab.name, "gw2", "blackhole")
-                    await _wait_status(hatun, lambda st: "gw2" not in st["route"]["members"], 10 * SLOW, "gw2 out")
-                    await trio.sleep(1.0)
+                    await _wait_status(hatun, lambda st: "gw2" not in st["route"]["members"], 10 * t, "gw2 out")
+                    await trio.sleep(1.0 * t)
                     marks["heal"] = trio.current_time()
                     await _lab_op(topology.lab_heal, lab.name, "gw2")
-                    await _wait_status(hatun, lambda st: "gw2" in st["route"]["members"], 20 * SLOW, "gw2 back")
+                    await _wait_status(hatun, lambda st: "gw2" in st["route"]["members"], 20 * t, "gw2 back")
                     marks["back"] = trio.current_time()
 
                 async def tcp():
-                    await trio.sleep(3.0)  # opened while gw2 is down: they must survive its failback
+                    await trio.sleep(3.0 * t)  # opened while gw2 is down: they must survive its failback
                     conns.extend(await traffic.tcp_connections(lab.runner, topology.SERVICE, count=8,
-                                                               duration=5.0 if not quick else 3.0))
+                                                               duration=(5.0 if not quick else 3.0) * t))
 
                 async with trio.open_nursery() as n:
                     n.start_soon(tcp)
-                    run = await traffic.udp_flows(lab.runner, topology.SERVICE, flows=64, rate=1000 / SLOW,
-                                                  duration=7.0 if not quick else 5.0, on_start=chaos)
+                    run = await traffic.udp_flows(lab.runner, topology.SERVICE, flows=64, rate=1000 / t,
+                                                  duration=(7.0 if not quick else 5.0) * t, on_start=chaos, linger=t)
                 failed = [f for f in run.flows if f.gateways()[:1] == ["gw2"]]
                 others = [f for f in run.flows if f.gateways()[:1] not in (["gw2"], [])]
                 if failed:
                     window.values.append(1000 * statistics.median(f.loss_window() for f in failed))
-                lost_other.values.append(sum(len(f.lost(end=run.ended - 1.0)) for f in others))
+                lost_other.values.append(sum(len(f.lost(end=run.ended - t)) for f in others))
                 moved.values.append(100 * sum(len(f.gateways()) > 1 for f in run.flows) / len(run.flows))
                 if "back" in marks:
                     failback.values.append(1000 * (marks["back"] - marks["heal"]))
                 broken.values.append(sum(1 for c in conns if c.broken))
+                st = await _thread(hatun.status)
+                false_down.values.append(sum(t["transitions"].get("down", 0) for t in st["tunnels"] if t["name"] != "gw2"))
                 if "back" in marks and not quick:
-                    await trio.sleep(max(0.0, marks["back"] + 5.0 - trio.current_time()))
-                new = await traffic.udp_flows(lab.runner, topology.SERVICE, flows=60, rate=600, duration=1.0)
+                    await trio.sleep(max(0.0, marks["back"] + 5.0 * t - trio.current_time()))
+                new = await traffic.udp_flows(lab.runner, topology.SERVICE, flows=60, rate=600 / t, duration=t, linger=t)
                 share.values.append(100 * new.share().get("gw2", 0.0))
 
 
@@ -305,6 +309,7 @@ async def bench_throughput(report: Report, backend: str, runs: int, quick: bool)
         by_hand = report.figure(f"throughput/{n}", f"hand-written multipath route over the same {n} tunnels", "Mbit/s")
         ratio = report.figure(f"throughput/{n}", "hatun / hand-written", "ratio", ">= 0.97")
         single = report.figure(f"throughput/{n}", "one tunnel alone", "Mbit/s")
+        own_cpu = report.figure(f"throughput/{n}", "hatun's own CPU while traffic runs through its route", "% of a core")
         for _ in range(runs):
             # iperf3 saturates both CPUs of a small machine: probes through the busy tunnels queue far
             # beyond 250 ms, so a tolerant timeout keeps false failovers out of a data-plane figure.
@@ -319,9 +324,11 @@ async def bench_throughput(report: Report, backend: str, runs: int, quick: bool)
                     await _thread(_iperf, lab, 1.0)  # warm-up (handshakes, neighbours, conntrack): not counted
                     # Alternate hatun's route and the hand-written one, so that the machine's drift
                     # (other load, CPU frequency) affects both alike.
-                    a_runs, b_runs = [], []
+                    a_runs, b_runs, cpu_runs = [], [], []
                     for _ in range(1 if quick else 3):
+                        c0, w0 = _proc_cpu_seconds(s.hatun.pid), time.monotonic()
                         a_runs.append(await _thread(_iperf, lab, seconds))
+                        cpu_runs.append(100 * (_proc_cpu_seconds(s.hatun.pid) - c0) / (time.monotonic() - w0))
                         # hatun leaves its tunnels (keep_on_exit); its route and rules make way for one by hand.
                         await _thread(lambda: s.hatun.stop(timeout=30))
                         _hand_route(lab, [lab.runner_ifname(i) for i in range(1, n + 1)])
@@ -341,6 +348,7 @@ async def bench_throughput(report: Report, backend: str, runs: int, quick: bool)
                 by_hand.values.append(b)
                 ratio.values.append(a / b if b else 0.0)
                 single.values.append(c)
+                own_cpu.values.append(statistics.median(cpu_runs))
 
 
 def _hand_route(lab: Lab, ifnames: list[str]) -> None:

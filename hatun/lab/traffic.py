@@ -89,10 +89,10 @@ def udp_socket(netns: str | None, target: str, port: int = 9000) -> socket.socke
 
 
 async def udp_flows(netns: str | None, target: str, *, flows: int = 64, rate: float = 1000.0, duration: float = 5.0,
-                    payload: int = 64, port: int = 9000, on_start=None) -> UdpRun:
+                    payload: int = 64, port: int = 9000, on_start=None, linger: float = 1.0) -> UdpRun:
     """Send FLOWS UDP flows (one socket each: distinct source ports) at RATE packets/s in total for
-    DURATION seconds to the lab's UDP echo; collect the echoes for one more second. Bounded in count
-    and time."""
+    DURATION seconds to the lab's UDP echo; collect the echoes for LINGER more seconds. Bounded in
+    count and time."""
     raws = [udp_socket(netns, target, port) for _ in range(flows)]
     socks = [trio.socket.from_stdlib_socket(r) for r in raws]  # for receiving; raws send without awaiting
     result = [Flow(i) for i in range(flows)]
@@ -132,7 +132,7 @@ async def udp_flows(netns: str | None, target: str, *, flows: int = 64, rate: fl
                 next_at += interval
                 if next_at > trio.current_time():
                     await trio.sleep_until(next_at)
-            await trio.sleep(1.0)
+            await trio.sleep(linger)
             nursery.cancel_scope.cancel()
     finally:
         for s in socks:

@@ -235,11 +235,11 @@ def _socket_path(args: argparse.Namespace) -> str:
     return "/run/hatun/hatun.sock"
 
 
-def _control(args: argparse.Namespace, req: dict) -> dict:
-    from hatun.control import ControlError, NotRunning, request
+def _control(args: argparse.Namespace, req: dict, timeout: float | None = None) -> dict:
+    from hatun.control import CLIENT_TIMEOUT, ControlError, NotRunning, request
 
     try:
-        reply = request(_socket_path(args), req)
+        reply = request(_socket_path(args), req, timeout=timeout or CLIENT_TIMEOUT)
     except NotRunning as e:
         raise CliError(str(e), EXIT_NOT_RUNNING) from None
     except ControlError as e:
@@ -281,7 +281,9 @@ def cmd_drain(args: argparse.Namespace) -> int:
 
 
 def cmd_reload(args: argparse.Namespace) -> int:
-    reply = _control(args, {"command": "reload"})
+    from hatun.control import RELOAD_CLIENT_TIMEOUT
+
+    reply = _control(args, {"command": "reload"}, timeout=RELOAD_CLIENT_TIMEOUT)
     print(reply["message"])
     return EXIT_OK
 
@@ -312,18 +314,15 @@ def cmd_up(args: argparse.Namespace) -> int:
 
 
 def cmd_down(args: argparse.Namespace) -> int:
-    import json as _json
-
     from hatun import runner
     from hatun.config import ConfigError, ConfigUnreadable, load_config
 
     path = args.config
     if path is None:
-        try:
-            with open("/run/hatun/state.json") as f:
-                path = _json.load(f).get("config")
-        except (OSError, ValueError):
-            path = None
+        from hatun.config import Config
+        from hatun.rundir import RunDir
+
+        path = RunDir(Config.model_fields["run_dir"].default).load_state().config
     if path is None:
         print("hatun down: no config given and no running hatun found; nothing to do")
         return EXIT_OK

@@ -11,13 +11,18 @@ import json
 import logging
 import os
 import socket
+import stat
 
 import trio
 
+from hatun.serving import serve_bounded
+
 log = logging.getLogger("hatun.control")
 
-MAX_LINE = 64 * 1024
-CLIENT_TIMEOUT = 10.0
+MAX_LINE = 64 * 1024  # a request line longer than this is refused
+CLIENT_TIMEOUT = 10.0  # a client has this long to send its request line (and to read the answer)
+RELOAD_WAIT = 60.0  # a `reload` request waits this long for the result; the reload itself goes on
+RELOAD_CLIENT_TIMEOUT = RELOAD_WAIT + 10.0
 STATUS_MAX_AGE = 0.2  # s: status polled faster than this reuses the counters it read last
 
 
@@ -29,43 +34,99 @@ class NotRunning(ControlError):
     """No hatun answers on that socket."""
 
 
-async def _handle(sup, stream: trio.SocketStream) -> None:
+class _BadRequest(Exception):
+    pass
+
+
+async def _read_line(stream: trio.abc.Stream) -> bytes | None:
+    """The first line the client sends (without the newline); None when it closes before one.
+    Raises _BadRequest for a line longer than MAX_LINE."""
+    buf = bytearray()
+    while True:
+        chunk = await stream.receive_some(16384)
+        if not chunk:
+            return None if not buf else bytes(buf)  # a last line without its newline still counts
+        end = chunk.find(b"\n")
+        if end >= 0:
+            buf += chunk[:end]
+            if len(buf) > MAX_LINE:
+                raise _BadRequest(f"request longer than {MAX_LINE} bytes")
+            return bytes(buf)
+        buf += chunk
+        if len(buf) > MAX_LINE:
+            raise _BadRequest(f"request longer than {MAX_LINE} bytes")
+
+
+def parse_request(line: bytes) -> dict:
+    """One request line -> the request object. Raises _BadRequest saying what is wrong."""
     try:
-        with trio.move_on_after(CLIENT_TIMEOUT):
-            buf = b""
-            while b"\n" not in buf and len(buf) < MAX_LINE:
-                chunk = await stream.receive_some(4096)
-                if not chunk:
-                    return
-                buf += chunk
-            try:
-                req = json.loads(buf.split(b"\n", 1)[0])
-                if not isinstance(req, dict):
-                    raise ValueError("expected a JSON object")
-            except ValueError as e:
-                reply = {"ok": False, "error": f"bad request: {e}"}
-            else:
-                reply = await _dispatch(sup, req)
-            await stream.send_all(json.dumps(reply).encode() + b"\n")
-    except (trio.BrokenResourceError, trio.ClosedResourceError):
-        pass
-    finally:
-        await stream.aclose()
+        req = json.loads(line.decode("utf-8"))
+    except UnicodeDecodeError as e:
+        raise _BadRequest(f"not UTF-8 (byte {e.start})") from None
+    except RecursionError:
+        raise _BadRequest("nested too deeply") from None
+    except ValueError as e:
+        raise _BadRequest(f"not JSON: {e}") from None
+    if not isinstance(req, dict):
+        raise _BadRequest("expected a JSON object")
+    return req
+
+
+async def _handle(sup, stream: trio.abc.Stream) -> None:
+    """One connection: one request line, one reply line. Nothing the client sends can raise out of here
+    but a broken connection (which `serve_bounded` logs and survives)."""
+    with trio.move_on_after(CLIENT_TIMEOUT) as reading:
+        try:
+            line = await _read_line(stream)
+        except _BadRequest as e:
+            line, reply = None, {"ok": False, "error": f"bad request: {e}"}
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            return
+        else:
+            reply = None
+    if reading.cancelled_caught:
+        return  # silent or too slow: hang up
+    if reply is None:
+        if line is None:
+            return
+        try:
+            reply = await _dispatch(sup, parse_request(line))
+        except _BadRequest as e:
+            reply = {"ok": False, "error": f"bad request: {e}"}
+    try:
+        data = json.dumps(reply).encode() + b"\n"
+    except (TypeError, ValueError) as e:
+        log.error("control reply cannot be encoded: %s", e)
+        data = b'{"ok": false, "error": "internal error: reply cannot be encoded"}\n'
+    with trio.move_on_after(CLIENT_TIMEOUT):
+        try:
+            await stream.send_all(data)
+            if line is None:
+                # Refused before reading it all: read on (bounded) so that closing does not reset
+                # the connection before the client has read the reason.
+                await stream.send_eof()
+                with trio.move_on_after(2.0):
+                    for _ in range(1024):
+                        if not await stream.receive_some(65536):
+                            break
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            pass
 
 
 async def _dispatch(sup, req: dict) -> dict:
     try:
         return await _command(sup, req)
     except Exception as e:  # noqa: BLE001 - a request must never take hatun down
-        log.exception("control request %r failed", req.get("command"))
+        command = req.get("command")
+        log.error("control request %.40r failed: %s: %s", command if isinstance(command, str) else type(command).__name__,
+                  type(e).__name__, e, exc_info=log.isEnabledFor(logging.DEBUG))
         return {"ok": False, "error": f"internal error: {type(e).__name__}: {e}"}
 
 
 async def _command(sup, req: dict) -> dict:
     cmd = req.get("command")
     if cmd == "status":
-        for rt in list(sup.tunnels.values()):
-            await sup.read_status(rt, max_age=STATUS_MAX_AGE)  # fresh counters and rates
+        await sup.refresh_statuses(max_age=STATUS_MAX_AGE)  # fresh counters and rates, bounded
         return {"ok": True, "status": sup.snapshot()}
     if cmd in ("drain", "undrain"):
         name = req.get("tunnel")
@@ -74,34 +135,49 @@ async def _command(sup, req: dict) -> dict:
         try:
             rt = sup.drain(name, cmd == "drain")
         except KeyError:
-            return {"ok": False, "error": f"no tunnel named {name!r} (tunnels: {', '.join(sup.tunnels)})"}
+            return {"ok": False, "error": f"no tunnel named {name[:64]!r} (tunnels: {', '.join(sup.tunnels)})"}
         return {"ok": True, "tunnel": name, "state": str(rt.state)}
     if cmd == "reload":
-        ok, message = await sup.reload()
-        return {"ok": ok, "message": message} if ok else {"ok": False, "error": message}
+        # The supervisor owns the reload: when this request gives up waiting, the reload goes on.
+        result = sup.start_reload()
+        with trio.move_on_after(RELOAD_WAIT):
+            await result.done.wait()
+        if not result.done.is_set():
+            return {"ok": False, "error": f"the reload is still running after {RELOAD_WAIT:.0f} s; `hatun status`"
+                                          " shows its result once it is done"}
+        return {"ok": True, "message": result.message} if result.ok else {"ok": False, "error": result.message}
     if cmd == "stop":
         cleanup = req.get("cleanup")
         if cleanup is not None and not isinstance(cleanup, bool):
             return {"ok": False, "error": "cleanup must be true or false"}
         sup.stop(cleanup=cleanup)
         return {"ok": True}
-    return {"ok": False, "error": f"unknown command {cmd!r}"}
+    shown = cmd[:64] if isinstance(cmd, str) else type(cmd).__name__
+    return {"ok": False, "error": f"unknown command {shown!r} (commands: status, drain, undrain, reload, stop)"}
 
 
 def prepare_path(path: str) -> None:
-    """Make the directory; remove a stale socket; refuse when another hatun answers there."""
+    """Make the directory; remove a stale socket; refuse when another hatun answers there, or when
+    the path is anything but a socket (a file of someone else's is never removed)."""
     os.makedirs(os.path.dirname(path) or ".", mode=0o700, exist_ok=True)
-    if os.path.exists(path):
-        probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        try:
-            probe.connect(path)
-        except (ConnectionRefusedError, FileNotFoundError):
-            os.unlink(path)  # left by a hatun that died
-        else:
-            raise ControlError(f"another hatun is running with control socket {path}: stop it, or set"
-                               " [control] socket to another path")
-        finally:
-            probe.close()
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        return
+    if not stat.S_ISSOCK(st.st_mode):
+        kind = "a directory" if stat.S_ISDIR(st.st_mode) else "a symbolic link" if stat.S_ISLNK(st.st_mode) else "a file"
+        raise ControlError(f"control socket path {path} exists and is {kind}, not a socket: hatun will not remove"
+                           " it; set [control] socket to another path")
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        probe.connect(path)
+    except (ConnectionRefusedError, FileNotFoundError):
+        os.unlink(path)  # left by a hatun that died
+    else:
+        raise ControlError(f"another hatun is running with control socket {path}: stop it, or set"
+                           " [control] socket to another path")
+    finally:
+        probe.close()
 
 
 async def serve_control(sup, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
@@ -115,19 +191,18 @@ async def serve_control(sup, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
     finally:
         os.umask(old_umask)
     os.chmod(path, 0o600)
-    sock.listen(16)
+    ours = os.lstat(path).st_ino
+    sock.listen(64)
     listener = trio.SocketListener(sock)
     try:
-        async with trio.open_nursery() as nursery:
-            task_status.started(path)
-            while True:
-                stream = await listener.accept()
-                nursery.start_soon(_handle, sup, stream)
+        await serve_bounded(listener, lambda stream: _handle(sup, stream), name="control socket",
+                            task_status=task_status)
     finally:
         with trio.CancelScope(shield=True):
             await listener.aclose()
         try:
-            os.unlink(path)
+            if os.lstat(path).st_ino == ours:  # still our socket, not something put there since
+                os.unlink(path)
         except OSError:
             pass
 
@@ -158,5 +233,11 @@ def request(path: str, req: dict, timeout: float = CLIENT_TIMEOUT) -> dict:
     finally:
         s.close()
     if not buf:
-        raise ControlError(f"hatun closed the connection without answering ({path})")
-    return json.loads(buf)
+        raise ControlError(f"hatun closed the connection without answering ({path}; busy, or not a hatun)")
+    try:
+        reply = json.loads(buf)
+    except (ValueError, RecursionError):
+        raise ControlError(f"the answer on {path} is not a hatun reply") from None
+    if not isinstance(reply, dict):
+        raise ControlError(f"the answer on {path} is not a hatun reply")
+    return reply

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ipaddress
 import logging
 import signal
 
@@ -19,13 +20,26 @@ async def _serve_signals(sup: Supervisor, *, task_status=trio.TASK_STATUS_IGNORE
         task_status.started()
         async for signum in signals:
             if signum == signal.SIGHUP:
-                try:
-                    await sup.reload()
-                except Exception:  # noqa: BLE001 - a failed reload must not stop hatun
-                    log.exception("reload failed")
+                # Started, not awaited: a slow reload must not delay a SIGTERM that follows. Its
+                # outcome is logged and shown by `hatun status`.
+                sup.start_reload()
             else:
                 log.info("received %s", signal.Signals(signum).name)
                 sup.stop()
+
+
+def _warn_exposed_metrics(config: Config) -> None:
+    address = config.metrics.address
+    if address is None or address[0] == "localhost":
+        return
+    try:
+        loopback = ipaddress.ip_address(address[0]).is_loopback
+    except ValueError:
+        return
+    if not loopback:
+        log.warning("metrics listen on %s, which is not a loopback address: anyone who can reach it reads"
+                    " tunnel names, endpoints and traffic figures (firewall it, or listen on 127.0.0.1)",
+                    config.metrics.listen)
 
 
 async def run(config: Config, secrets: Secrets, config_path: str | None) -> None:
@@ -42,6 +56,7 @@ async def run(config: Config, secrets: Secrets, config_path: str | None) -> None
             listeners = await open_metrics_listeners(config)
         except OSError as e:
             raise SupervisorError(f"metrics: cannot listen on {config.metrics.listen}: {e.strerror or e}") from None
+    _warn_exposed_metrics(config)
     sup = Supervisor(config, secrets, config_path)
     async with trio.open_nursery() as servers:
         await servers.start(_serve_signals, sup)

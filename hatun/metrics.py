@@ -9,22 +9,26 @@ collector yields it all.
 
 from __future__ import annotations
 
+import functools
 import logging
 
 import h11
 import trio
 from prometheus_client import CollectorRegistry
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
-from prometheus_client.exposition import choose_encoder
+from prometheus_client.exposition import CONTENT_TYPE_LATEST, choose_encoder, generate_latest
 
 from hatun import __version__
 from hatun.health import RTT_BUCKETS, State
+from hatun.serving import serve_bounded
 
 log = logging.getLogger("hatun.metrics")
 
 STATES = [str(s) for s in State]
 TRANSITION_TARGETS = ("up", "down", "draining")
-REQUEST_TIMEOUT = 10.0
+REQUEST_TIMEOUT = 10.0  # a client has this long to send its request and read the answer
+SCRAPE_MAX_AGE = 1.0  # device counters read this recently are reused by a scrape
+MAX_REQUEST_BYTES = 16384  # request line and headers; more is not a scrape
 
 
 class Metrics:
@@ -36,10 +40,13 @@ class Metrics:
         self.registry.register(_StateCollector(sup))
 
     async def render(self, accept: str | None) -> tuple[bytes, str]:
-        """The exposition for a scrape: WireGuard counters are read fresh first."""
-        for rt in list(self.sup.tunnels.values()):
-            await self.sup.read_status(rt)
-        encoder, content_type = choose_encoder(accept or "")
+        """The exposition for a scrape. WireGuard counters are read first (all devices at once, under
+        one deadline; reads younger than SCRAPE_MAX_AGE are reused)."""
+        await self.sup.refresh_statuses(max_age=SCRAPE_MAX_AGE)
+        try:
+            encoder, content_type = choose_encoder(accept or "")
+        except Exception:  # noqa: BLE001 - e.g. TypeError for "text/plain; version=x": use the default format
+            encoder, content_type = generate_latest, CONTENT_TYPE_LATEST
         return encoder(self.registry), content_type
 
 
@@ -113,51 +120,75 @@ class _StateCollector:
         yield info
 
 
-async def _respond(stream: trio.SocketStream, metrics: Metrics) -> None:
-    conn = h11.Connection(h11.SERVER)
+async def _read_request(stream: trio.abc.Stream, conn: h11.Connection) -> h11.Request | None:
+    """The request's head, or None when the client closed first. Raises h11.RemoteProtocolError."""
+    while True:
+        event = conn.next_event()
+        if event is h11.NEED_DATA:
+            data = await stream.receive_some(4096)
+            conn.receive_data(data)
+            if not data and conn.their_state is not h11.DONE:
+                return None
+            continue
+        if isinstance(event, h11.Request):
+            return event
+        if isinstance(event, h11.ConnectionClosed) or event is h11.PAUSED:
+            return None
+
+
+async def _answer(request: h11.Request, metrics: Metrics) -> tuple[int, bytes, str]:
+    path = request.target.decode(errors="replace").split("?", 1)[0]
+    headers = {k.decode(errors="replace").lower(): v.decode(errors="replace") for k, v in request.headers}
+    if request.method not in (b"GET", b"HEAD"):
+        return 405, b"method not allowed\n", "text/plain; charset=utf-8"
+    if path == "/metrics":
+        body, ctype = await metrics.render(headers.get("accept"))
+        return 200, body, ctype
+    if path == "/healthz":
+        return 200, b"ok\n", "text/plain; charset=utf-8"
+    if path == "/readyz":
+        decision = metrics.sup.decision
+        members = decision.member_names() if decision else ()
+        if members and not decision.all_down:
+            return 200, f"ready: {len(members)} tunnels in service\n".encode(), "text/plain; charset=utf-8"
+        return 503, b"not ready: no tunnel in service\n", "text/plain; charset=utf-8"
+    if path == "/":
+        return 200, b"hatun: see /metrics, /healthz, /readyz\n", "text/plain; charset=utf-8"
+    return 404, b"not found\n", "text/plain; charset=utf-8"
+
+
+async def _respond(stream: trio.abc.Stream, metrics: Metrics) -> None:
+    """Serve one connection: one request, one answer. Whatever the request holds, the answer is a
+    status code: 400 for a malformed request, 500 (logged) when producing the answer failed."""
+    conn = h11.Connection(h11.SERVER, max_incomplete_event_size=MAX_REQUEST_BYTES)
+    with trio.move_on_after(REQUEST_TIMEOUT):
+        try:
+            request = await _read_request(stream, conn)
+        except h11.RemoteProtocolError:
+            await stream.send_all(b"HTTP/1.1 400 Bad Request\r\nContent-Length: 0\r\nConnection: close\r\n\r\n")
+            return
+        if request is None:
+            return
+        try:
+            status, body, ctype = await _answer(request, metrics)
+        except Exception as e:  # noqa: BLE001 - a request must never take hatun down
+            log.error("%s %s failed: %s: %s", request.method.decode(errors="replace"),
+                      request.target[:200].decode(errors="replace"), type(e).__name__, e,
+                      exc_info=log.isEnabledFor(logging.DEBUG))
+            status, body, ctype = 500, b"internal error (see hatun's log)\n", "text/plain; charset=utf-8"
+        response = h11.Response(status_code=status, headers=[
+            ("Content-Type", ctype), ("Content-Length", str(len(body))), ("Connection", "close")])
+        await stream.send_all(conn.send(response))
+        if request.method != b"HEAD":
+            await stream.send_all(conn.send(h11.Data(data=body)))
+        await stream.send_all(conn.send(h11.EndOfMessage()))
+
+
+async def _serve_connection(stream: trio.abc.Stream, metrics: Metrics) -> None:
     try:
-        with trio.move_on_after(REQUEST_TIMEOUT):
-            while True:
-                event = conn.next_event()
-                if event is h11.NEED_DATA:
-                    data = await stream.receive_some(16384)
-                    conn.receive_data(data)
-                    if not data and conn.their_state is not h11.DONE:
-                        return
-                    continue
-                if isinstance(event, h11.Request):
-                    break
-                if isinstance(event, (h11.ConnectionClosed,)) or event is h11.PAUSED:
-                    return
-            path = event.target.decode(errors="replace").split("?", 1)[0]
-            headers = {k.decode().lower(): v.decode(errors="replace") for k, v in event.headers}
-            status, body, ctype = 200, b"", "text/plain; charset=utf-8"
-            if event.method not in (b"GET", b"HEAD"):
-                status, body = 405, b"method not allowed\n"
-            elif path == "/metrics":
-                body, ctype = await metrics.render(headers.get("accept"))
-            elif path == "/healthz":
-                body = b"ok\n"
-            elif path == "/readyz":
-                members = metrics.sup.decision.member_names() if metrics.sup.decision else ()
-                if members and not metrics.sup.decision.all_down:
-                    body = f"ready: {len(members)} tunnels in service\n".encode()
-                else:
-                    status, body = 503, b"not ready: no tunnel in service\n"
-            elif path == "/":
-                body = b"hatun: see /metrics, /healthz, /readyz\n"
-            else:
-                status, body = 404, b"not found\n"
-            response = h11.Response(status_code=status, headers=[
-                ("Content-Type", ctype), ("Content-Length", str(len(body))), ("Connection", "close")])
-            await stream.send_all(conn.send(response))
-            if event.method != b"HEAD":
-                await stream.send_all(conn.send(h11.Data(data=body)))
-            await stream.send_all(conn.send(h11.EndOfMessage()))
-    except (h11.RemoteProtocolError, trio.BrokenResourceError, trio.ClosedResourceError):
-        pass
-    finally:
-        await stream.aclose()
+        await _respond(stream, metrics)
+    except (trio.BrokenResourceError, trio.ClosedResourceError):
+        pass  # the client went away
 
 
 async def open_metrics_listeners(config) -> list:
@@ -173,6 +204,7 @@ async def serve_metrics(sup, listeners: list | None = None, *, task_status=trio.
     listeners = listeners or await open_metrics_listeners(sup.config)
     log.info("metrics on http://%s:%d/metrics", f"[{host}]" if ":" in host else host, port)
     async with trio.open_nursery() as nursery:
-        task_status.started(metrics)
         for listener in listeners:
-            nursery.start_soon(trio.serve_listeners, lambda s: _respond(s, metrics), [listener])
+            await nursery.start(functools.partial(serve_bounded, listener, lambda s: _serve_connection(s, metrics),
+                                                  name="metrics"))
+        task_status.started(metrics)

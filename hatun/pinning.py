@@ -27,6 +27,8 @@ log = logging.getLogger("hatun.pinning")
 
 NFT_TIMEOUT = 10.0
 MAP = "tunnel_mark"
+CHAINS = ("output", "prerouting", "postrouting")
+TAG_PREFIX = "hatun-"  # every rule hatun writes carries a comment "hatun-<hash of the rules>"
 
 
 class PinningError(Exception):
@@ -58,7 +60,7 @@ def _structure(table: str, mask: int) -> tuple[list[dict], str]:
     """The commands that (re)create table, map, chains and rules, and a tag naming this version."""
     fam = "inet"
     rules = _rules_json(table, mask)
-    tag = "hatun-" + hashlib.sha256(json.dumps(rules, sort_keys=True).encode()).hexdigest()[:12]
+    tag = TAG_PREFIX + hashlib.sha256(json.dumps(rules, sort_keys=True).encode()).hexdigest()[:12]
     chains = [
         ("output", "route", "output"),
         ("prerouting", "filter", "prerouting"),
@@ -115,15 +117,30 @@ class Pinning:
             raise
         marks: dict[str, int] = {}
         tags = set()
+        foreign: list[str] = []  # objects hatun never makes: the table is someone else's
         try:
             for obj in json.loads(out).get("nftables", []):
-                if "map" in obj and obj["map"].get("name") == MAP:
-                    for key, value in obj["map"].get("elem", []):
+                kind = next(iter(obj), None) if isinstance(obj, dict) else None
+                body = obj.get(kind) if kind else None
+                if kind in ("metainfo", "table"):
+                    continue
+                if kind == "map" and body.get("name") == MAP:
+                    for key, value in body.get("elem", []):
                         marks[key] = value
-                elif "rule" in obj:
-                    tags.add(obj["rule"].get("comment"))
+                elif kind == "chain" and body.get("name") in CHAINS:
+                    continue
+                elif kind == "rule" and str(body.get("comment", "")).startswith(TAG_PREFIX):
+                    tags.add(body.get("comment"))
+                else:
+                    name = body.get("name") or body.get("comment") if isinstance(body, dict) else None
+                    foreign.append(f"{kind} {name}" if name else str(kind))
         except (ValueError, TypeError, AttributeError) as e:
             raise PinningError(f"nft list table inet {self.table}: unexpected output ({e})") from None
+        if foreign:
+            raise PinningError(
+                f"nftables table inet {self.table} exists but was not made by hatun (it holds"
+                f" {', '.join(foreign[:3])}{' ...' if len(foreign) > 3 else ''}): hatun neither changes nor"
+                " deletes it; set routing.nft_table to a name of hatun's own")
         tag = tags.pop() if len(tags) == 1 else None
         return marks, tag
 
@@ -150,7 +167,8 @@ class Pinning:
         return True
 
     async def remove(self) -> bool:
-        """Delete the table. Returns False when it was not there."""
+        """Delete the table. Returns False when it was not there. Raises PinningError (and deletes
+        nothing) when the table holds anything hatun does not make."""
         if await self.read() is None:
             return False
         await self._run(["-j", "-f", "-"], {"nftables": [{"delete": {"table": {"family": "inet", "name": self.table}}}]})

@@ -46,6 +46,10 @@ ICMP_FILTER = 1  # linux/icmp.h: a bitmask of ICMP types to DROP on a raw socket
 ICMP6_FILTER = 1
 ECHO_REPLY_V4, ECHO_REQUEST_V4 = 0, 8
 ECHO_REQUEST_V6, ECHO_REPLY_V6 = 128, 129
+# A probe that timed out is remembered this long: a reply that still comes proves that the path
+# works both ways (a congested tunnel, not a dead one). It counts as a late reply, never as a success.
+LATE_WINDOW = 5.0
+LATE_KEEP = 64  # timed-out probes remembered per tunnel, at most
 RECHECK_RTTS = 4  # an outstanding probe is overdue after this many average round trips
 RECHECK_FLOOR = 0.02  # ... but never sooner than this (seconds)
 # One task does everything, and wakes as rarely as it can: a wakeup costs 50-300 us of CPU (epoll,
@@ -61,6 +65,23 @@ PAYLOAD_SUM = sum(struct.unpack(f"!{len(PAYLOAD) // 2}H", PAYLOAD))
 _ECHO = struct.Struct("!BBHHH")
 
 OnResult = Callable[[bool, "float | None", "str | None"], None]
+OnLate = Callable[[float], None]
+
+
+def round_trip(sent_mono: float, sent_wall: float, received_wall: float | None, now_mono: float) -> float:
+    """The RTT of a reply: from the kernel's receive stamp (exact however late we read it) when it is
+    plausible, else from the monotonic clock (an upper bound: it includes our reading delay).
+
+    The receive stamp is wall-clock time, as is SENT_WALL: a clock step between send and receive
+    would make that difference wrong (negative, or minutes). The true RTT lies between 0 and the
+    monotonic difference, so a wall difference outside that range means the clock moved.
+    """
+    upper = max(0.0, now_mono - sent_mono)
+    if received_wall is not None:
+        rtt = received_wall - sent_wall
+        if 0.0 <= rtt <= upper + 0.001:
+            return rtt
+    return upper
 
 
 def _echo_checksum(ident: int, seq: int, payload_sum: int, echo_type: int) -> int:
@@ -86,14 +107,16 @@ class ProbeStream:
     """One tunnel's probes: settings, outstanding probes, and where results go."""
 
     def __init__(self, key: str, *, interval: float, timeout: float, jitter: float, on_result: OnResult,
-                 rtt_hint: Callable[[], float | None] = lambda: None) -> None:
+                 rtt_hint: Callable[[], float | None] = lambda: None, on_late: OnLate | None = None) -> None:
         self.key = key
         self.interval, self.timeout, self.jitter = interval, timeout, jitter
         self.on_result = on_result
+        self.on_late = on_late  # a reply to a probe that had already timed out (its RTT)
         self.rtt_hint = rtt_hint
         self.sender: Callable[[int], str | None] = lambda seq: "not started"
         # seq -> (send time on Trio's clock, wall clock, probe number)
         self.pending: dict[int, tuple[float, float, int]] = {}
+        self.late: dict[int, tuple[float, float]] = {}  # timed-out probes: seq -> (Trio time, wall) sent
         self.seq = 0  # on the wire: 1..0xFFFF, wrapping
         self.sent = 0  # probes sent so far (never wraps): orders probes across the wrap
         self.rechecked_upto = 0  # an extra probe went out for every probe numbered up to this
@@ -112,8 +135,9 @@ class Scheduler:
     the socket buffer until then, and their RTT comes from the kernel's receive timestamp, so the
     wait costs no accuracy; before a probe is declared lost the socket is read."""
 
-    def __init__(self, rng: random.Random | None = None) -> None:
+    def __init__(self, rng: random.Random | None = None, wall: Callable[[], float] = time.time) -> None:
         self.rng = rng or random.Random()
+        self.wall = wall  # the wall clock that kernel receive stamps are compared with (tests step it)
         self._heap: list[tuple[float, int, ProbeStream, int]] = []  # next sends
         self._counter = itertools.count()
         self._outstanding: set[ProbeStream] = set()  # streams with probes awaiting a reply
@@ -142,6 +166,7 @@ class Scheduler:
     def stop(self, stream: ProbeStream) -> None:
         stream.removed = True
         stream.pending.clear()
+        stream.late.clear()
         self._outstanding.discard(stream)
         self._streams.discard(stream)
         self._rhythm()
@@ -159,14 +184,18 @@ class Scheduler:
         sent = pending.pop(seq, None)
         if not pending:
             self._outstanding.discard(stream)
-        if sent is None or stream.removed:
+        if stream.removed:
+            return
+        now = trio.current_time()
+        if sent is None:
+            late = stream.late.pop(seq, None)
+            if ok and late is not None and now - late[0] <= LATE_WINDOW and stream.on_late is not None:
+                stream.on_late(round_trip(late[0], late[1], received_wall, now))
             return
         if not ok:
             stream.on_result(False, None, reason)
-        elif received_wall is not None:
-            stream.on_result(True, max(0.0, received_wall - sent[1]), None)
         else:
-            stream.on_result(True, trio.current_time() - sent[0], None)
+            stream.on_result(True, round_trip(sent[0], sent[1], received_wall, now), None)
 
     def _fire(self, stream: ProbeStream, now: float, wall: float) -> None:
         seq = stream.seq = stream.seq % 0xFFFF + 1
@@ -188,7 +217,10 @@ class Scheduler:
                 sent = pending[seq][0]
                 if now < sent + timeout:
                     break
-                del pending[seq]
+                late = stream.late
+                late[seq] = pending.pop(seq)[:2]
+                if len(late) > LATE_KEEP:
+                    del late[next(iter(late))]
                 stream.on_result(False, None, "timeout")
             if not pending or stream.removed:
                 self._outstanding.discard(stream)
@@ -198,7 +230,7 @@ class Scheduler:
                 overdue = max(RECHECK_RTTS * rtt, RECHECK_FLOOR)
                 if overdue < stream.timeout and overdue < stream.interval * (1 - stream.jitter):
                     if now >= sent + overdue:
-                        self._fire(stream, now, time.time())
+                        self._fire(stream, now, self.wall())
                         stream.rechecked_upto = stream.sent
                     else:
                         due = min(due, sent + overdue)
@@ -216,7 +248,7 @@ class Scheduler:
             jitter = self.rng.uniform(-self.jitter, self.jitter) if self.jitter else 0.0
             self._next_batch = now + self.batch * (1 + jitter) - MIN_GAP
             later = []  # each stream's next send, pushed after the batch: one probe per stream per batch
-            wall = time.time()
+            wall = self.wall()
             while heap and heap[0][0] < now + self.batch:
                 when, _, stream, generation = heapq.heappop(heap)
                 if stream.removed or generation != stream.generation:

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 
 from hatun.config import Config
 from hatun.control import ControlError, NotRunning, request
+from hatun.rundir import RunDir, RunDirError
 
 POLL = 0.2
 
@@ -30,7 +31,7 @@ class UpResult:
 
 
 def log_path(config: Config) -> str:
-    return os.path.join(config.run_dir, "hatun.log")
+    return RunDir(config.run_dir).log_path
 
 
 def _status(socket_path: str) -> dict | None:
@@ -66,8 +67,13 @@ def up(config: Config, config_path: str, *, wait: float, min_healthy: int, keep_
     pid = None
     proc = None
     if _status(sock) is None:
-        os.makedirs(config.run_dir, mode=0o700, exist_ok=True)
-        with open(log_path(config), "ab") as out:
+        rundir = RunDir(config.run_dir)
+        try:
+            rundir.prepare()
+            fd = os.open(rundir.log_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+        except (RunDirError, OSError) as e:
+            return UpResult(False, None, {}, f"cannot start hatun: {e}")
+        with os.fdopen(fd, "ab") as out:
             proc = subprocess.Popen(
                 [sys.executable, "-m", "hatun", "run", os.path.abspath(config_path)],
                 stdin=subprocess.DEVNULL, stdout=out, stderr=out, start_new_session=True, close_fds=True)
@@ -130,19 +136,6 @@ def down(config: Config, timeout: float = 30.0) -> tuple[bool, list[str]]:
 
 def _wait_unlocked(config: Config, deadline: float) -> None:
     """Wait until no hatun holds the run_dir lock (its clean-up is done), bounded."""
-    import fcntl
-
-    path = os.path.join(config.run_dir, "lock")
-    if not os.path.exists(path):
-        return
-    fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
-    try:
-        while time.monotonic() < deadline:
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                fcntl.flock(fd, fcntl.LOCK_UN)
-                return
-            except BlockingIOError:
-                time.sleep(POLL)
-    finally:
-        os.close(fd)
+    rundir = RunDir(config.run_dir)
+    while rundir.is_locked() and time.monotonic() < deadline:
+        time.sleep(POLL)

@@ -16,9 +16,7 @@ and makes the kernel match; it also runs on netlink events (drift) and every 30 
 
 from __future__ import annotations
 
-import fcntl
 import ipaddress
-import json
 import logging
 import os
 import socket
@@ -37,6 +35,8 @@ from hatun.netlink.rtnl import Link, Nexthop, Resilient, Route, Rtnl, Rule, open
 from hatun.pinning import Pinning, PinningError
 from hatun.probes import ProbeEngine, ProbeStream, open_probe_engine
 from hatun.routes import Reconciler, adopted_members
+from hatun.rundir import RunDir, RunDirError, State as RunState
+from hatun.serving import RateLimitedLog
 from hatun.steering import Layout, Member, RenderTunnel, TunnelView, allocate_slots, decide, render
 from hatun.wireguard.model import DeviceSettings, DeviceStatus, PeerSettings, WireGuardError
 
@@ -49,8 +49,18 @@ TEARDOWN_GRACE = 10.0
 RETRY_SYNC_AFTER = 0.3
 MAX_BACKOFF = 10.0  # a failing tunnel is retried at least this often
 RESOLVE_RETRY = 10.0  # a DNS endpoint of a down tunnel is resolved again this often
-# A tunnel whose probes fail while it receives more than this is congested, not down.
-CONGESTION_RX_BYTES = 4096
+# The congestion guard (see `_confirm_down`): a tunnel whose probes fail while more than this
+# arrives through it may be congested rather than dead; it stays in service for CONGESTION_GRACE
+# seconds waiting for any probe reply (on time or late) that proves the way out works too.
+# The counter is the device's own (decrypted packets delivered to the host: WireGuard keepalives are
+# not counted), and the window between the first failure and the verdict may be only tens of ms,
+# so a few hundred bytes already mean traffic.
+CONGESTION_RX_BYTES = 256
+CONGESTION_GRACE = 2.0
+COUNTER_TIMEOUT = 0.5  # reading a device's counters; one that does not answer by then gives no evidence
+RELOAD_TIMEOUT = 120.0  # one reload, at most (DNS endpoints, slow backends); it is never cut short by a client
+STATUS_DEADLINE = 2.0  # refreshing every tunnel's counters for a status or a scrape, at most
+TASK_BACKOFF_MAX = 10.0  # a failing supervisor task is restarted at least this often
 KICK_INTERVAL = 3.0  # a down tunnel with a silent peer gets a fresh handshake this often
 # Keys that decide where hatun's kernel objects live; changing them needs a restart.
 RESTART_ONLY = [
@@ -95,10 +105,17 @@ class TunnelRuntime:
     transitions: Counter = field(default_factory=Counter)
     probe_scope: trio.CancelScope | None = None
     probe_stream: ProbeStream | None = None
-    rx_baseline: int | None = None  # rx bytes at the first failure of the current series
+    status_reading: trio.Event | None = None  # set when the device read in progress ends
+    # The last handshake as WireGuard reports it (wall clock), and when it happened on Trio's clock:
+    # ages come from the latter, so a step of the wall clock does not age every handshake at once.
+    hs_wall: float | None = None
+    hs_at: float | None = None
+    rx_baseline: int | None = None  # rx bytes (link counter) at the first failure of the current series
     rx_baseline_ready: trio.Event | None = None
+    evidence: trio.Event = field(default_factory=trio.Event)  # set on any probe reply (late ones too)
     congestion_logged: bool = False
     congested: int = 0  # probe failures that traffic showed to be congestion
+    late_replies: int = 0  # replies to probes that had already timed out
     scope: trio.CancelScope | None = None
     device_event: trio.Event = field(default_factory=trio.Event)
     done: trio.Event = field(default_factory=trio.Event)
@@ -121,6 +138,19 @@ class TunnelRuntime:
         return display_state(self.health.health, self.drained or self.removing)
 
 
+@dataclass
+class _ReloadResult:
+    """The outcome of one reload, once `done` is set."""
+
+    done: trio.Event = field(default_factory=trio.Event)
+    ok: bool = False
+    message: str = ""
+
+    def finish(self, ok: bool, message: str) -> None:
+        self.ok, self.message = ok, message
+        self.done.set()
+
+
 def _get(obj, path):
     for p in path:
         obj = getattr(obj, p)
@@ -135,9 +165,12 @@ class Supervisor:
         self.secrets = secrets
         self.config_path = config_path
         self.layout = Layout.from_routing(config.routing)
+        self.rundir = RunDir(config.run_dir)
         self.tunnels: dict[str, TunnelRuntime] = {}  # the config's tunnels, by name
         self.draining: list[TunnelRuntime] = []  # removed by a reload, keeping their flows until torn down
         self._reload_lock = trio.Lock()
+        self._reload_running: _ReloadResult | None = None
+        self._errors = RateLimitedLog(log)
         self._last_nft_check = 0.0
         self.backend = None
         self.backend_name: str | None = None
@@ -163,6 +196,7 @@ class Supervisor:
         self._links_by_index: dict[int, str] = {}
         self._lo_index = 1
         self._sysctl_saved: dict[str, str] = {}
+        self._state = RunState()
         self._marks_applied: dict[str, int] | None = None
         self.last_sync_error: str | None = None
 
@@ -173,8 +207,12 @@ class Supervisor:
         from hatun.wireguard import select_backend
 
         cfg = self.config
-        os.makedirs(cfg.run_dir, mode=0o700, exist_ok=True)
-        lock = self._lock()
+        try:
+            self.rundir.prepare()
+            lock = self.rundir.lock()
+        except RunDirError as e:
+            raise SupervisorError(str(e)) from None
+        self._state = self.rundir.load_state()
         async with AsyncExitStack() as stack:
             stack.callback(os.close, lock)
             # Events first, then the initial dump: nothing falls between the two.
@@ -187,6 +225,7 @@ class Supervisor:
                 self._check_inotify()
             links = await self.rtnl.links()
             self._lo_index = next((l.index for l in links if l.name == "lo"), 1)
+            await self._check_ownership(links)
             self.reconciler = Reconciler(self.rtnl, self.layout, self._lo_index)
             self.pinning = Pinning(cfg.routing.nft_table, cfg.routing.fwmark_mask) if cfg.routing.pin_flows else None
             self.mode = await self._choose_mode()
@@ -194,11 +233,11 @@ class Supervisor:
             self._setup_sysctls()
             async with trio.open_nursery() as nursery:
                 self._nursery = nursery
-                nursery.start_soon(self._serve_events, events)
+                nursery.start_soon(self._keep_running, "events", self._serve_events, events)
                 await nursery.start(self._serve_reconciler)
-                nursery.start_soon(self._serve_stats)
-                nursery.start_soon(self._serve_session_kicks)
-                nursery.start_soon(self._serve_ready)
+                nursery.start_soon(self._keep_running, "stats", self._serve_stats)
+                nursery.start_soon(self._keep_running, "session kicks", self._serve_session_kicks)
+                nursery.start_soon(self._keep_running, "readiness", self._serve_ready)
                 self._tunnel_nursery = nursery
                 for rt in self.tunnels.values():
                     self._start_tunnel(rt)
@@ -225,24 +264,70 @@ class Supervisor:
                         " raise fs.inotify.max_user_instances (e.g. to %d)", len(self.config.tunnels), limit,
                         max(1024, 2 * len(self.config.tunnels)))
 
-    def _lock(self) -> int:
-        """One hatun per run_dir: an exclusive lock the kernel releases however the process ends."""
-        path = os.path.join(self.config.run_dir, "lock")
-        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            os.close(fd)
-            pid = self._load_state().get("pid")
-            raise SupervisorError(f"another hatun (pid {pid}) is running with run_dir {self.config.run_dir}:"
-                                  " stop it first, or give this one another run_dir") from None
-        return fd
-
     def stop(self, cleanup: bool | None = None) -> None:
         """Ask `run` to stop; CLEANUP overrides keep_on_exit (True: remove everything)."""
         if cleanup is not None:
             self.cleanup_on_stop = cleanup
         self.stop_requested.set()
+
+    async def _keep_running(self, name: str, fn, *args) -> None:
+        """Run one of the supervisor's own tasks; when it fails (an OSError from a full system, a bug),
+        log it and start it again with backoff: nothing a task meets may end the supervisor."""
+        backoff = 0.1
+        while True:
+            started = trio.current_time()
+            try:
+                await fn(*args)
+                return
+            except Exception as e:  # noqa: BLE001 - isolate the failure; the task starts again
+                if trio.current_time() - started > 30:
+                    backoff = 0.1
+                self._errors.log(logging.ERROR, name, "%s failed: %s: %s; starting it again in %.1f s", name,
+                                 type(e).__name__, e, backoff, exc_info=log.isEnabledFor(logging.DEBUG))
+            await trio.sleep(backoff)
+            backoff = min(backoff * 2, TASK_BACKOFF_MAX)
+
+    def _spawn(self, name: str, fn, *args) -> None:
+        """Start a short task in the supervisor's nursery; a failure of it is logged, not propagated."""
+        async def guarded() -> None:
+            try:
+                await fn(*args)
+            except Exception as e:  # noqa: BLE001 - a one-off task must not end the supervisor
+                self._errors.log(logging.ERROR, name, "%s failed: %s: %s", name, type(e).__name__, e,
+                                 exc_info=log.isEnabledFor(logging.DEBUG))
+
+        if self._nursery is not None:
+            self._nursery.start_soon(guarded, name=name)
+
+    async def _check_ownership(self, links: list[Link]) -> None:
+        """Refuse to start where the config names what belongs to someone else: a device of another
+        kind under a tunnel's interface name (hatun would configure it, and delete it at stop), or a
+        source address the host already has (hatun would remove it at stop)."""
+        problems = []
+        want = "wireguard" if self.backend_name == "kernel" else "tun"
+        by_name = {l.name: l for l in links}
+        for t in self.config.tunnels:
+            link = by_name.get(t.ifname)
+            if link is not None and link.kind != want:
+                problems.append(
+                    f"tunnel {t.name}: interface {t.ifname} already exists as a {link.kind or 'network'} device,"
+                    f" not a {'kernel WireGuard' if want == 'wireguard' else 'wireguard-go (tun)'} device of"
+                    f" hatun's: set `interface` to a free name, or remove that device")
+        previous = set(self._state.sources)
+        names = {l.index: l.name for l in links}
+        for addr in await self.rtnl.addresses():
+            ip = addr.interface.ip
+            if ip not in self.config.routing.source:
+                continue
+            if addr.index != self._lo_index:
+                problems.append(f"routing.source {ip} is already an address of {names.get(addr.index, addr.index)}:"
+                                " give hatun an address of its own (it adds it to lo and removes it at stop)")
+            elif str(ip) not in previous:
+                problems.append(f"routing.source {ip} is already on lo, and hatun did not put it there (no record"
+                                f" in {self.rundir.state_path}): give hatun an address of its own, or remove it"
+                                f" (`ip address del {addr.interface} dev lo`) if a crashed hatun left it")
+        if problems:
+            raise SupervisorError("; ".join(problems))
 
     def _open_backend(self):
         if self.backend_name == "kernel":
@@ -332,7 +417,7 @@ class Supervisor:
         if r.pin_flows:
             # Reverse-path checks must see the mark that pins a flow to its tunnel.
             wanted.append(("1", "net", "ipv4", "conf", "all", "src_valid_mark"))
-        saved = self._load_state().get("sysctls", {})
+        saved = dict(self._state.sysctls)
         for value, *parts in wanted:
             key = ".".join(parts)
             try:
@@ -362,24 +447,16 @@ class Supervisor:
                 log.warning("%s", e)
         self._sysctl_saved = {}
 
-    @property
-    def _state_path(self) -> str:
-        return os.path.join(self.config.run_dir, "state.json")
-
-    def _load_state(self) -> dict:
-        try:
-            with open(self._state_path) as f:
-                return json.load(f)
-        except (OSError, ValueError):
-            return {}
-
     def _save_state(self) -> None:
-        state = {"pid": os.getpid(), "config": os.path.abspath(self.config_path) if self.config_path else None,
-                 "socket": self.config.control.socket, "sysctls": self._sysctl_saved}
-        tmp = self._state_path + ".tmp"
-        with open(tmp, "w") as f:
-            json.dump(state, f)
-        os.replace(tmp, self._state_path)
+        self._state.pid = os.getpid()
+        self._state.config = os.path.abspath(self.config_path) if self.config_path else None
+        self._state.socket = self.config.control.socket
+        self._state.sysctls = self._sysctl_saved
+        self._state.sources = sorted(str(a) for a in self.config.routing.source)
+        try:
+            self.rundir.save_state(self._state)
+        except RunDirError as e:
+            log.warning("%s (a restart will not know which sysctls to restore)", e)
 
     # ------------------------------------------------------------ tunnels
 
@@ -483,8 +560,7 @@ class Supervisor:
                 await self.read_status(rt)
                 # Silent: no handshake since it went down. A down tunnel with fresh handshakes (its
                 # probe target is down, not its path) keeps its session.
-                handshake = rt.status.peer.last_handshake if rt.status and rt.status.peer else None
-                if handshake is None or handshake < time.time() - down_for:
+                if rt.hs_at is None or rt.hs_at < rt.health.since:
                     log.debug("%s: no reply and no fresh handshake: starting a new session", rt.name)
                     try:
                         await self.backend.reset_peer(self.device_settings(rt))
@@ -499,7 +575,7 @@ class Supervisor:
                 log.warning("%s: wireguard-go for %s was restarted and reconfigured", rt.name, ifname)
                 self._tunnel_sysctls(rt)
                 if self._nursery is not None:
-                    self._nursery.start_soon(self._refresh_link_safely, rt)
+                    self._spawn(f"{rt.name}: reading its device", self._refresh_link_safely, rt)
 
     async def _refresh_link_safely(self, rt: TunnelRuntime) -> None:
         try:
@@ -514,6 +590,7 @@ class Supervisor:
             probe = rt.cfg.probe_target
             stream = ProbeStream(rt.name, interval=rt.interval, timeout=rt.timeout, jitter=rt.jitter,
                                  on_result=lambda ok, rtt, reason: self._on_probe(rt, ok, rtt, reason),
+                                 on_late=lambda rtt: self._on_late_reply(rt, rtt),
                                  rtt_hint=lambda: rt.health.rtt_avg)
             with trio.CancelScope() as scope:
                 rt.probe_scope = scope
@@ -534,49 +611,99 @@ class Supervisor:
 
     def _on_probe(self, rt: TunnelRuntime, ok: bool, rtt: float | None, reason: str | None) -> None:
         health = rt.health
+        was_suspect = health.suspect
         result = health.record(ok, trio.current_time(), rtt=rtt, reason=reason)
-        if ok and health.successes >= health.rise:
-            rt.congestion_logged = False
+        if ok:
+            self._evidence(rt)
+            if was_suspect:
+                self._congested(rt, "a probe was answered again")
+            if health.successes >= health.rise:
+                rt.congestion_logged = False
         if ok or (result is not None and not isinstance(result, Suspect)):
             rt.rx_baseline, rt.rx_baseline_ready = None, None
         if result is None:
             # The first failure of an up tunnel: note how much it has received, in case its probes
             # go on failing while traffic still flows in (congestion, not a dead path).
-            if not ok and health.failures == 1 and health.health is State.UP and self._nursery is not None:
-                self._nursery.start_soon(self._rx_baseline, rt)
+            if not ok and health.failures == 1 and health.health is State.UP:
+                rt.rx_baseline_ready = trio.Event()
+                self._spawn(f"{rt.name}: congestion check", self._rx_baseline, rt, rt.rx_baseline_ready)
         elif isinstance(result, Suspect):
-            self._nursery.start_soon(self._confirm_down, rt)
+            self._spawn(f"{rt.name}: congestion check", self._confirm_down, rt)
         else:
             self._on_transition(rt, result)
 
-    async def _rx_bytes(self, rt: TunnelRuntime) -> int | None:
-        status = await self.read_status(rt)
-        return status.peer.rx_bytes if status is not None and status.peer is not None else None
+    def _on_late_reply(self, rt: TunnelRuntime, rtt: float) -> None:
+        """A reply to a probe that had already timed out: the path works both ways, only slowly."""
+        rt.late_replies += 1
+        self._evidence(rt)
+        if rt.health.suspect:
+            rt.health.clear_suspect()
+            self._congested(rt, f"a late reply came after {rtt * 1000:.0f} ms")
 
-    async def _rx_baseline(self, rt: TunnelRuntime) -> None:
-        ready = rt.rx_baseline_ready = trio.Event()
-        rt.rx_baseline = await self._rx_bytes(rt)
-        ready.set()
+    def _evidence(self, rt: TunnelRuntime) -> None:
+        rt.evidence.set()
+        rt.evidence = trio.Event()
+
+    def _congested(self, rt: TunnelRuntime, why: str) -> None:
+        rt.congested += 1
+        if not rt.congestion_logged:
+            rt.congestion_logged = True
+            log.info("%s: %d probes lost, but %s: congested, not down (logged once until it recovers)",
+                     rt.name, rt.health.fall, why)
+
+    async def _link_rx(self, rt: TunnelRuntime) -> int | None:
+        """Bytes the tunnel received (decrypted), from the kernel's counters of its device: a netlink
+        read that never waits on a wireguard-go (a frozen one must not delay a verdict). None: unknown."""
+        index = rt.ifindex
+        if index is None:
+            return None
+        with trio.move_on_after(COUNTER_TIMEOUT):
+            try:
+                link = await self.rtnl.link(index)
+            except (NetlinkError, NetlinkTimeout) as e:
+                log.debug("%s: reading counters: %s", rt.name, e)
+                return None
+            return link.rx_bytes if link is not None and link.name == rt.ifname else None
+        return None
+
+    async def _rx_baseline(self, rt: TunnelRuntime, ready: trio.Event) -> None:
+        try:
+            value = await self._link_rx(rt)
+            if rt.rx_baseline_ready is ready:
+                rt.rx_baseline = value
+        finally:
+            ready.set()
 
     async def _confirm_down(self, rt: TunnelRuntime) -> None:
-        """`fall` probes failed on an up tunnel. If it received traffic since the first of them, the
-        path works and the probes were lost to congestion (a saturated tunnel or CPU): moving its
-        flows would break them at the gateways' NAT, so it stays up. Else (or without a baseline,
-        e.g. with fall = 1) it goes down."""
-        if rt.rx_baseline_ready is not None:
-            with trio.move_on_after(1.0):
-                await rt.rx_baseline_ready.wait()
-        baseline, now_rx = rt.rx_baseline, await self._rx_bytes(rt)
-        received = now_rx - baseline if now_rx is not None and baseline is not None else 0
-        if received > CONGESTION_RX_BYTES and rt.health.suspect:
-            rt.health.clear_suspect()
-            rt.congested += 1
-            if not rt.congestion_logged:
-                rt.congestion_logged = True
-                log.info("%s: %d probes lost, but %d bytes arrived meanwhile: congested, not down"
-                         " (logged once until it recovers)", rt.name, rt.health.fall, received)
-            return
-        transition = rt.health.confirm_down(trio.current_time())
+        """`fall` probes failed on an up tunnel: is it dead, or only congested (a saturated tunnel or
+        CPU, where moving its flows would break them at the gateways' NAT)?
+
+        - Nothing arrived through it since the first failure (its receive counter, read from the
+          kernel, did not grow by more than CONGESTION_RX_BYTES; or the device did not answer): dead
+          (a blackholed path, a dead gateway, a frozen wireguard-go). Down now.
+        - Traffic still arrives: the way in works, the way out is unproven. It stays in service for
+          up to CONGESTION_GRACE seconds, and stays for good if any probe reply comes meanwhile (a
+          new one, or a late reply to a probe that timed out). Without one, the way out is broken
+          (a one-way failure): down.
+        """
+        ready = rt.rx_baseline_ready
+        if ready is not None:
+            with trio.move_on_after(COUNTER_TIMEOUT):
+                await ready.wait()
+        baseline, now_rx = rt.rx_baseline, await self._link_rx(rt)
+        received = now_rx - baseline if now_rx is not None and baseline is not None and now_rx >= baseline else 0
+        if not rt.health.suspect:
+            return  # a reply came meanwhile
+        note = ""
+        if received > CONGESTION_RX_BYTES:
+            with trio.move_on_after(CONGESTION_GRACE):
+                while rt.health.suspect:
+                    await rt.evidence.wait()
+            if not rt.health.suspect:
+                return  # a reply came: congested (logged by whoever cleared it)
+            note = (f"; {received} bytes arrived meanwhile but no probe came back within"
+                    f" {CONGESTION_GRACE:g} s more: the way to the gateway is broken")
+        transition = rt.health.confirm_down(trio.current_time(), note)
         if transition is not None:
             self._on_transition(rt, transition)
 
@@ -626,26 +753,48 @@ class Supervisor:
                     await self.backend.apply(self.device_settings(rt))
 
     def _handshake_age(self, rt: TunnelRuntime) -> float | None:
-        if rt.status is None or rt.status.peer is None or rt.status.peer.last_handshake is None:
-            return None
-        return max(0.0, time.time() - rt.status.peer.last_handshake)
+        """Seconds since the last handshake, on Trio's (monotonic) clock; None: none seen."""
+        return None if rt.hs_at is None else max(0.0, trio.current_time() - rt.hs_at)
 
     # ------------------------------------------------------------ observing
 
     async def read_status(self, rt: TunnelRuntime, max_age: float = 0.0) -> DeviceStatus | None:
-        """Fresh counters of RT's device (kept as rt.status); updates its rates. Never raises for a
-        missing device. MAX_AGE > 0: counters read that recently are fresh enough (a client that
-        polls status in a tight loop must not turn each poll into a device read per tunnel)."""
+        """Fresh counters of RT's device (kept as rt.status); updates its rates and handshake time.
+        Never raises. MAX_AGE > 0: counters read that recently are fresh enough (a client that polls
+        status in a tight loop must not turn each poll into a device read per tunnel). A read already
+        under way is joined rather than repeated."""
         if max_age > 0 and rt.status_at is not None and trio.current_time() - rt.status_at < max_age:
             return rt.status
+        if rt.status_reading is not None:
+            await rt.status_reading.wait()
+            return rt.status
+        rt.status_reading = reading = trio.Event()
         try:
-            status = await self.backend.get(rt.ifname, with_link=False)
-        except WireGuardError as e:
-            log.debug("%s: %s", rt.name, e)
-            status = None
+            try:
+                status = await self.backend.get(rt.ifname, with_link=False)
+            except (WireGuardError, OSError) as e:
+                log.debug("%s: %s", rt.name, e)
+                status = None
+            self._note_status(rt, status)
+        finally:
+            rt.status_reading = None
+            reading.set()
+        return rt.status
+
+    def _note_status(self, rt: TunnelRuntime, status: DeviceStatus | None) -> None:
         now = trio.current_time()
+        previous_read = rt.status_at
         rt.status, rt.status_at = status, now
         peer = status.peer if status is not None else None
+        if peer is None or peer.last_handshake is None:
+            rt.hs_wall = rt.hs_at = None
+        elif peer.last_handshake != rt.hs_wall:
+            # A new handshake. Its age comes from the wall clock (that is what WireGuard reports),
+            # but it happened after our previous read, so it is never older than that.
+            age = max(0.0, time.time() - peer.last_handshake)
+            if previous_read is not None and rt.hs_wall is not None:
+                age = min(age, now - previous_read)
+            rt.hs_wall, rt.hs_at = peer.last_handshake, now - age
         if peer is None:
             rt.rate_sample = None
             rt.rx_rate = rt.tx_rate = 0.0
@@ -656,14 +805,21 @@ class Supervisor:
             rt.rx_rate = (peer.rx_bytes - rt.rate_sample[1]) / dt
             rt.tx_rate = (peer.tx_bytes - rt.rate_sample[2]) / dt
             rt.rate_sample = (now, peer.rx_bytes, peer.tx_bytes)
-        return status
+
+    async def refresh_statuses(self, max_age: float = 0.0, deadline: float = STATUS_DEADLINE) -> None:
+        """Read every tunnel's counters concurrently, for at most DEADLINE seconds: one slow or hung
+        device delays a status or a scrape by that much at most, and the others are fresh."""
+        with trio.move_on_after(deadline):
+            async with trio.open_nursery() as nursery:
+                for rt in self.runtimes():
+                    nursery.start_soon(self.read_status, rt, max_age)
 
     async def _serve_stats(self) -> None:
         """Counters and handshakes every few seconds; a stale handshake counts as a failed probe."""
         while True:
             await trio.sleep(STATS_INTERVAL)
+            await self.refresh_statuses(deadline=STATS_INTERVAL / 2)
             for rt in list(self.tunnels.values()):
-                await self.read_status(rt)
                 if not rt.present:
                     continue
                 age = self._handshake_age(rt)
@@ -760,7 +916,13 @@ class Supervisor:
                     await self._poke.wait()
                 await trio.sleep(DEBOUNCE)
             self._poke = trio.Event()
-            await self.sync_once()
+            try:
+                await self.sync_once()
+            except Exception as e:  # noqa: BLE001 - e.g. ENOMEM: try again soon, never end the supervisor
+                self.last_sync_error = f"{type(e).__name__}: {e}"
+                self._errors.log(logging.ERROR, "sync", "cannot update routes: %s", self.last_sync_error,
+                                 exc_info=log.isEnabledFor(logging.DEBUG))
+                self._retry_soon()
             if first:
                 task_status.started()
                 first = False
@@ -811,7 +973,7 @@ class Supervisor:
             self.poke()
 
         if self._nursery is not None:
-            self._nursery.start_soon(later)
+            self._spawn("route retry", later)
 
     # ------------------------------------------------------------ teardown
 
@@ -838,10 +1000,7 @@ class Supervisor:
             for rt in self.runtimes():
                 nursery.start_soon(delete, rt)
         self._restore_sysctls()
-        try:
-            os.unlink(self._state_path)
-        except OSError:
-            pass
+        self.rundir.remove_state()
         log.info("removed hatun's routes, rules, nexthops and %d tunnel devices", len(self.runtimes()))
 
     # ------------------------------------------------------------ drain and reload
@@ -857,18 +1016,52 @@ class Supervisor:
             self.poke()
         return rt
 
-    async def reload(self) -> tuple[bool, str]:
-        """Re-read the config file; apply only what changed. An invalid file changes nothing.
-
-        Returns (ok, message). Reloads run one at a time.
-        """
+    def start_reload(self) -> _ReloadResult:
+        """Start re-reading the config file, in a task of the supervisor's own: reloads run one at a
+        time, and nobody who asked for one (a control client that gives up, a signal) can cancel it
+        halfway. Wait on the result's `done` for (ok, message)."""
+        if self._reload_running is not None:
+            return self._reload_running  # one not yet started: it will read the file as it is now
+        result = _ReloadResult()
         if self.config_path is None:
-            return False, "no config file to reload"
-        if self._nursery is None:
-            return False, "hatun is still starting: reload again in a moment"
+            result.finish(False, "no config file to reload")
+        elif self._nursery is None:
+            result.finish(False, "hatun is still starting: reload again in a moment")
+        else:
+            self._reload_running = result
+            self._nursery.start_soon(self._run_reload, result, name="reload")
+        return result
+
+    async def reload(self) -> tuple[bool, str]:
+        """Reload (see `start_reload`) and wait for its result. Cancelling the wait does not cancel the reload."""
+        result = self.start_reload()
+        await result.done.wait()
+        return result.ok, result.message
+
+    async def _run_reload(self, result: _ReloadResult) -> None:
+        ok, message = False, "hatun stopped before the reload finished"
+        try:
+            with trio.move_on_after(RELOAD_TIMEOUT) as scope:
+                ok, message = await self._reload(result)
+            if scope.cancelled_caught:
+                ok, message = self._reload_done(False, f"reload did not finish within {RELOAD_TIMEOUT:.0f} s;"
+                                                       " `hatun status` shows what runs now")
+        except Exception as e:  # noqa: BLE001 - a failed reload must not end the supervisor
+            log.debug("reload failed", exc_info=True)
+            ok, message = self._reload_done(False, f"reload failed: {type(e).__name__}: {e}")
+        finally:
+            if self._reload_running is result:
+                self._reload_running = None
+            result.finish(ok, message)
+
+    async def _reload(self, result: _ReloadResult) -> tuple[bool, str]:
+        """Re-read the config file; apply only what changed. An invalid file changes nothing."""
         async with self._reload_lock:
+            if self._reload_running is result:
+                self._reload_running = None  # from now on, a new request needs a new reload
             try:
-                new, secrets = load_config(self.config_path)
+                # In a thread: a large or slow file must not stall the probes.
+                new, secrets = await trio.to_thread.run_sync(load_config, self.config_path)
             except ConfigUnreadable as e:
                 return self._reload_done(False, f"reload refused, still running the previous config: {e}")
             except ConfigError as e:
@@ -901,8 +1094,9 @@ class Supervisor:
                 del self.tunnels[name]
                 self.draining.append(rt)
                 summary.append(f"-{name}")
-                self._nursery.start_soon(self._remove_tunnel, rt)
+                self._spawn(f"{rt.name}: removal", self._remove_tunnel, rt)
         now = trio.current_time()
+        updates: list[tuple[TunnelRuntime, Tunnel]] = []
         for t in new.tunnels:
             rt = self.tunnels.get(t.name)
             if rt is None:
@@ -915,14 +1109,19 @@ class Supervisor:
                         rt.drain_scope.cancel()
                     self.tunnels[t.name] = rt
                     summary.append(f"+{t.name}")
-                    await self._update_tunnel(rt, t)
+                    updates.append((rt, t))
                     continue
                 rt = self.tunnels[t.name] = self._new_runtime(t, slots[t.name], now)
                 summary.append(f"+{t.name}")
                 self._start_tunnel(rt)
             elif t != rt.cfg or secrets.keys[t.name] != rt.key or new.health_for(t) != old.health_for(rt.cfg):
                 summary.append(f"~{t.name}")
-                await self._update_tunnel(rt, t)
+                updates.append((rt, t))
+        # Concurrently: each may resolve a DNS name or wait for a slow device.
+        async with trio.open_nursery() as nursery:
+            for rt, t in updates:
+                nursery.start_soon(self._update_tunnel, rt, t)
+        self._save_state()
         self.poke()
         return "reloaded" + (f": {' '.join(summary)}" if summary else ": nothing changed")
 
@@ -1023,7 +1222,7 @@ class Supervisor:
                 "probe": str(rt.cfg.probe_target), "last_failure": rt.health.last_failure,
                 "probes_ok": rt.health.probes_ok, "probes_failed": rt.health.probes_failed,
                 "present": rt.present, "last_error": rt.last_error, "restarts": rt.restarts,
-                "congested": rt.congested,
+                "congested": rt.congested, "late_replies": rt.late_replies,
                 "transitions": dict(rt.transitions),
             })
         decision = self.decision
@@ -1065,11 +1264,15 @@ async def cleanup(config: Config) -> list[str]:
 
     removed: list[str] = []
     layout = Layout.from_routing(config.routing)
+    rundir = RunDir(config.run_dir)
+    state = rundir.load_state()
     async with open_rtnl() as rtnl:
         links = await rtnl.links()
         lo = next((l.index for l in links if l.name == "lo"), 1)
         rec = Reconciler(rtnl, layout, lo)
-        rec.owned_addresses = {a for a in await rtnl.addresses(lo) if a.interface.ip in config.routing.source}
+        # Only the source addresses a hatun recorded as its own (an address the host had is not).
+        rec.owned_addresses = {a for a in await rtnl.addresses(lo)
+                               if a.interface.ip in config.routing.source and str(a.interface.ip) in state.sources}
         res = await rec.sync(Wanted())
         removed += [what for _, what in res.changes]
         pin = Pinning(config.routing.nft_table, config.routing.fwmark_mask)
@@ -1079,11 +1282,17 @@ async def cleanup(config: Config) -> list[str]:
                     removed.append(f"nftables table inet {config.routing.nft_table}")
             except PinningError as e:
                 log.warning("%s", e)
-        names = {l.name for l in links}
+        kinds = {l.name: l.kind for l in links}
         for t in config.tunnels:
-            if t.ifname in names:
+            if t.ifname not in kinds:
+                continue
+            # Only devices that can be hatun's: a bridge or a NIC of the same name is left alone.
+            if kinds[t.ifname] in ("wireguard", "tun"):
                 await rtnl.delete_link(t.ifname)
                 removed.append(f"device {t.ifname}")
+            else:
+                log.warning("not removing %s: it is a %s device, not a WireGuard device of hatun's", t.ifname,
+                            kinds[t.ifname] or "network")
     # A wireguard-go left by a crash exits once its device is gone; its stale socket may remain.
     for t in config.tunnels:
         sock = f"/run/wireguard/{t.ifname}.sock"
@@ -1095,17 +1304,12 @@ async def cleanup(config: Config) -> list[str]:
             os.unlink(sock)
         except OSError:
             pass
-    state = os.path.join(config.run_dir, "state.json")
-    try:
-        with open(state) as f:
-            saved = json.load(f).get("sysctls", {})
-        for key, value in saved.items():
-            try:
-                sysctl.write(value, *key.split("."))
-            except sysctl.SysctlError:
-                pass
-        os.unlink(state)
-    except (OSError, ValueError):
-        pass
+    # Only the sysctls hatun sets, with integer values (load_state validates what the file says).
+    for key, value in state.sysctls.items():
+        try:
+            sysctl.write(value, *key.split("."))
+        except sysctl.SysctlError:
+            pass
+    rundir.remove_state()
     return removed
 

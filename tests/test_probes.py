@@ -229,3 +229,38 @@ async def test_rechecks_keep_working_across_the_sequence_wrap(autojump_clock):
                                     interval=0.1, timeout=0.25, jitter=0.0)
     sends = [round(t, 3) for _, t in peer.sent]
     assert 0.62 <= sends[sends.index(0.6) + 1] <= 0.625  # the extra probe still goes out
+
+
+async def test_rtt_is_immune_to_wall_clock_steps(autojump_clock):
+    """The kernel's receive stamp and the send time are wall-clock times: a step between them must
+    not turn into an RTT of minutes or a negative one (issue 12, item 9)."""
+    offset = [1_800_000_000.0]
+    sched = Scheduler(random.Random(1), wall=lambda: offset[0] + trio.current_time())
+    results = []
+
+    async def answer(stream, seq, step):
+        await trio.sleep(0.003)
+        offset[0] += step  # the wall clock steps while the probe is on its way
+        sched.reply(stream, seq, received_wall=offset[0] + trio.current_time())
+
+    steps = iter([0.0, 600.0, -3600.0, 0.0])
+    async with trio.open_nursery() as n:
+        await n.start(sched.run)
+        stream = ProbeStream("t", interval=0.1, timeout=0.25, jitter=0.0,
+                             on_result=lambda ok, rtt, reason: results.append((ok, rtt)))
+        stream.sender = lambda seq: n.start_soon(answer, stream, seq, next(steps, 0.0))
+        sched.start(stream)
+        await trio.sleep(0.35)
+        n.cancel_scope.cancel()
+    assert len(results) == 4
+    assert all(ok and rtt == pytest.approx(0.003, abs=1e-6) for ok, rtt in results), results
+
+
+async def test_late_replies_are_reported_but_do_not_count_as_success(autojump_clock):
+    """A reply after the timeout is a failure for the hysteresis and a late reply for the
+    congestion guard (the path works both ways, slowly)."""
+    late = []
+    results, peer = await probe_for(1.0, rtt=0.4, interval=0.1, timeout=0.25, jitter=0.0,
+                                    on_late=late.append)
+    assert results and all(not ok and reason == "timeout" for _, ok, _, reason in results)
+    assert len(late) >= 5 and all(r == pytest.approx(0.4) for r in late)

@@ -16,6 +16,7 @@ REPO = Path(__file__).resolve().parent.parent
 pytestmark = pytest.mark.vm
 
 
+@pytest.mark.timeout(1700)
 def test_kernel_backend_and_lab_inside_the_vm():
     ok, why = vm_available()
     if not ok:

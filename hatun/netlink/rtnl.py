@@ -39,7 +39,7 @@ import ipaddress
 import socket
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from dataclasses import KW_ONLY, dataclass
+from dataclasses import KW_ONLY, dataclass, field
 from typing import NamedTuple
 
 from pyroute2.netlink import NLM_F_ACK, NLM_F_CREATE, NLM_F_EXCL, NLM_F_REPLACE, NLM_F_REQUEST
@@ -90,6 +90,10 @@ class Link:
     up: bool  # administratively up (IFF_UP)
     carrier: bool
     mtu: int
+    # Traffic counters (IFLA_STATS64), not part of the link's identity. On a WireGuard device (kernel
+    # or wireguard-go's TUN) rx counts the decrypted packets that arrived from the peer.
+    rx_bytes: int | None = field(default=None, compare=False)
+    tx_bytes: int | None = field(default=None, compare=False)
 
 
 class Address(NamedTuple):
@@ -219,10 +223,13 @@ def _link(msg) -> Link:
     linkinfo = msg.get_attr("IFLA_LINKINFO")
     kind = linkinfo.get_attr("IFLA_INFO_KIND") if linkinfo is not None else None
     carrier = msg.get_attr("IFLA_CARRIER")
+    stats = msg.get_attr("IFLA_STATS64")
     return Link(index=msg["index"], name=msg.get_attr("IFLA_IFNAME"), kind=kind,
                 up=bool(msg["flags"] & IFF_UP),
                 carrier=bool(carrier) if carrier is not None else bool(msg["flags"] & 0x10000),
-                mtu=msg.get_attr("IFLA_MTU") or 0)
+                mtu=msg.get_attr("IFLA_MTU") or 0,
+                rx_bytes=stats["rx_bytes"] if stats is not None else None,
+                tx_bytes=stats["tx_bytes"] if stats is not None else None)
 
 
 def _address(msg) -> Address:

@@ -5,7 +5,8 @@ One `ProbeEngine` serves every tunnel, because per-tunnel sockets and timers cos
   IP_PKTINFO / IPV6_PKTINFO, which pins it to that device exactly like SO_BINDTODEVICE (it leaves
   through that tunnel whatever the routes say: also while the tunnel is out of the route, never via
   another tunnel or the underlay). A reply counts only when it came in through that same device
-  (its ifindex, from the reply's PKTINFO) with that tunnel's echo identifier.
+  (its ifindex, from the reply's PKTINFO) with that tunnel's echo identifier. A BPF socket filter
+  keeps every other ICMP message of the namespace (other pings' replies, floods) in the kernel.
 - TCP: a connect per probe, from a socket bound to the device; it succeeds on the SYN-ACK.
 - Timers: one task sends every tunnel's probes in batches (one per shortest interval), reads the
   replies, and times out and rechecks outstanding probes; while all is well it wakes twice per
@@ -35,6 +36,8 @@ from contextlib import asynccontextmanager
 
 import trio
 
+from hatun import bpf
+
 log = logging.getLogger("hatun.probes")
 
 SO_BINDTODEVICE = getattr(socket, "SO_BINDTODEVICE", 25)
@@ -63,6 +66,7 @@ SO_TIMESTAMPNS = 35
 PAYLOAD = b"hatun-probe\0"  # an even length: its checksum words are summed once
 PAYLOAD_SUM = sum(struct.unpack(f"!{len(PAYLOAD) // 2}H", PAYLOAD))
 _ECHO = struct.Struct("!BBHHH")
+RECEIVE_BATCH = 1024  # replies read per wakeup at most: a flood waits for the next wakeup, never blocks the rest
 
 OnResult = Callable[[bool, "float | None", "str | None"], None]
 OnLate = Callable[[float], None]
@@ -275,26 +279,68 @@ class Scheduler:
                 await self._wake.wait()
 
 
+def echo_reply_filter(version: int) -> bytes:
+    """A BPF program that lets through only echo replies carrying hatun's PAYLOAD.
+
+    A raw ICMP socket receives every ICMP message of its namespace: the replies of any other ping,
+    and whatever a flood brings. Matched on the payload marker rather than on our identifiers, the
+    filter never changes (identifiers come and go with tunnels; re-attaching on each change would
+    race the replies in flight), and what gets through is only hatun's own kind of reply; the
+    identifier and the device are still checked in Python. An IPv4 raw socket's filter sees the IP
+    header (its length from the IHL), an ICMPv6 one only the ICMPv6 message.
+    """
+    p = bpf.Program()
+    if version == 4:
+        p.op(bpf.LDX_B_MSH, 0)
+        w, b, echo = bpf.LD_W_IND, bpf.LD_B_IND, ECHO_REPLY_V4
+    else:
+        w, b, echo = bpf.LD_W_ABS, bpf.LD_B_ABS, ECHO_REPLY_V6
+    p.op(b, 0)
+    p.jump(bpf.JEQ, echo, None, bpf.DROP)
+    # The payload follows the 8-byte echo header. A load past the packet's end drops it.
+    whole = len(PAYLOAD) - len(PAYLOAD) % 4
+    for pos in range(0, len(PAYLOAD)):
+        if pos < whole and pos % 4 == 0:
+            p.op(w, 8 + pos)
+            p.jump(bpf.JEQ, int.from_bytes(PAYLOAD[pos:pos + 4], "big"), None, bpf.DROP)
+        elif pos >= whole:
+            p.op(b, 8 + pos)
+            p.jump(bpf.JEQ, PAYLOAD[pos], None, bpf.DROP)
+    return p.assemble()
+
+
 class _IcmpSocket:
-    """The raw ICMP socket of one address family, shared by every tunnel."""
+    """The raw ICMP socket of one address family, shared by every tunnel.
+
+    A BPF filter (`echo_reply_filter`) keeps everything but hatun's echo replies in the kernel, and
+    one `receive` reads at most RECEIVE_BATCH of them.
+    """
 
     def __init__(self, version: int) -> None:
         self.version = version
-        if version == 6:
-            sock = socket.socket(socket.AF_INET6, socket.SOCK_RAW | socket.SOCK_NONBLOCK | socket.SOCK_CLOEXEC,
-                                 socket.IPPROTO_ICMPV6)
-            # struct icmp6_filter: 8 x u32, a set bit BLOCKS that type; let echo replies through.
-            blocks = [0xFFFFFFFF] * 8
-            blocks[ECHO_REPLY_V6 >> 5] &= ~(1 << (ECHO_REPLY_V6 & 31))
-            sock.setsockopt(socket.IPPROTO_ICMPV6, ICMP6_FILTER, struct.pack("8I", *blocks))
-            sock.setsockopt(socket.IPPROTO_IPV6, IPV6_RECVPKTINFO, 1)
-        else:
-            sock = socket.socket(socket.AF_INET, socket.SOCK_RAW | socket.SOCK_NONBLOCK | socket.SOCK_CLOEXEC,
-                                 socket.IPPROTO_ICMP)
-            sock.setsockopt(SOL_RAW, ICMP_FILTER, struct.pack("I", ~(1 << ECHO_REPLY_V4) & 0xFFFFFFFF))
-            sock.setsockopt(socket.IPPROTO_IP, IP_PKTINFO, 1)
-        # The kernel's receive time of each reply: RTTs are exact however late we read them.
-        sock.setsockopt(socket.SOL_SOCKET, SO_TIMESTAMPNS, 1)
+        family, proto = ((socket.AF_INET6, socket.IPPROTO_ICMPV6) if version == 6
+                         else (socket.AF_INET, socket.IPPROTO_ICMP))
+        sock = socket.socket(family, socket.SOCK_RAW | socket.SOCK_NONBLOCK | socket.SOCK_CLOEXEC, proto)
+        try:
+            # First the filter: what arrives before it is read (and dropped) in Python.
+            try:
+                bpf.attach(sock, echo_reply_filter(version))
+            except OSError as e:
+                log.warning("ICMP socket filter refused (%s): foreign echo replies are sorted out in Python", e)
+            if version == 6:
+                # struct icmp6_filter: 8 x u32, a set bit BLOCKS that type; let echo replies through.
+                blocks = [0xFFFFFFFF] * 8
+                blocks[ECHO_REPLY_V6 >> 5] &= ~(1 << (ECHO_REPLY_V6 & 31))
+                sock.setsockopt(socket.IPPROTO_ICMPV6, ICMP6_FILTER, struct.pack("8I", *blocks))
+                sock.setsockopt(socket.IPPROTO_IPV6, IPV6_RECVPKTINFO, 1)
+            else:
+                sock.setsockopt(SOL_RAW, ICMP_FILTER, struct.pack("I", ~(1 << ECHO_REPLY_V4) & 0xFFFFFFFF))
+                sock.setsockopt(socket.IPPROTO_IP, IP_PKTINFO, 1)
+            # The kernel's receive time of each reply: RTTs are exact however late we read them.
+            sock.setsockopt(socket.SOL_SOCKET, SO_TIMESTAMPNS, 1)
+        except BaseException:
+            sock.close()
+            raise
         self.sock = sock
 
     def pktinfo(self, ifindex: int) -> list[tuple[int, int, bytes]]:
@@ -318,9 +364,10 @@ class _IcmpSocket:
         return None
 
     def receive(self) -> list[tuple[int, int, int, float | None]]:
-        """Everything waiting on the socket: (ifindex, ident, seq, kernel receive time) of each echo reply."""
+        """What waits on the socket (up to RECEIVE_BATCH datagrams): (ifindex, ident, seq, kernel
+        receive time) of each echo reply."""
         out = []
-        while True:
+        for _ in range(RECEIVE_BATCH):
             try:
                 data, anc, _, _ = self.sock.recvmsg(512, 256)
             except BlockingIOError:
@@ -341,6 +388,7 @@ class _IcmpSocket:
                     ifindex = struct.unpack_from("I", cdata, 16 if self.version == 6 else 0)[0]
             _, _, _, ident, seq = _ECHO.unpack_from(data)
             out.append((ifindex, ident, seq, stamp))
+        return out
 
 
 class ProbeEngine:

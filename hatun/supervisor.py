@@ -31,7 +31,7 @@ from hatun import __version__, sysctl
 from hatun.config import Config, ConfigError, ConfigUnreadable, Secrets, Tunnel, default_peer_address, load_config
 from hatun.health import State, Suspect, Transition, TunnelHealth, display_state
 from hatun.netlink.core import EventsOverflow, NetlinkError, NetlinkTimeout
-from hatun.netlink.rtnl import Link, Nexthop, Resilient, Route, Rtnl, Rule, open_rtnl, open_rtnl_events
+from hatun.netlink.rtnl import EventFilter, Link, Nexthop, Resilient, Route, Rtnl, Rule, open_rtnl, open_rtnl_events
 from hatun.pinning import Pinning, PinningError
 from hatun.probes import ProbeEngine, ProbeStream, open_probe_engine
 from hatun.routes import Reconciler, adopted_members
@@ -216,7 +216,10 @@ class Supervisor:
         async with AsyncExitStack() as stack:
             stack.callback(os.close, lock)
             # Events first, then the initial dump: nothing falls between the two.
-            events = await stack.enter_async_context(open_rtnl_events())
+            lay = self.layout  # the filter keeps at least what _serve_events looks at
+            events = await stack.enter_async_context(open_rtnl_events(filter=EventFilter(
+                tables=range(lay.table, lay.table + lay.max_slot + 1), protocol=lay.protocol,
+                nexthop_ids=range(lay.nexthop_id, lay.nexthop_id + GROUP_ID_PROBE + 2))))
             self.rtnl = await stack.enter_async_context(open_rtnl())
             self.backend_name = await select_backend(cfg.backend)
             self.backend = await stack.enter_async_context(self._open_backend())

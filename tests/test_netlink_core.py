@@ -156,3 +156,50 @@ async def test_generic_netlink_family_lookup(namespaces):
         if not os.path.exists("/sys/module/wireguard"):
             with pytest.raises(FamilyNotFound):
                 await resolve_family(sock, "wireguard")
+
+
+class FailingSocket:
+    """A netlink socket whose send or receive fails with ERRNO (the kernel short of memory, ...)."""
+
+    def __init__(self, sock, *, send: int | None = None, recv: int | None = None) -> None:
+        self.sock, self.send_errno, self.recv_errno = sock, send, recv
+
+    def send(self, data):
+        if self.send_errno:
+            raise OSError(self.send_errno, os.strerror(self.send_errno))
+        return self.sock.send(data)
+
+    def recvmsg(self, *args):
+        if self.recv_errno:
+            raise OSError(self.recv_errno, os.strerror(self.recv_errno))
+        return self.sock.recvmsg(*args)
+
+    def __getattr__(self, name):
+        return getattr(self.sock, name)
+
+
+async def test_socket_errors_are_netlink_errors_and_the_socket_stays_usable(namespaces):
+    ns = namespaces.new("nobufs")
+    async with open_rtnl(ns) as rtnl, open_netlink(netns=ns, groups=[RTNLGRP_IPV4_ROUTE]) as events:
+        real = rtnl.sock._sock
+        rtnl.sock._sock = FailingSocket(real, send=errno.ENOBUFS)
+        with pytest.raises(NetlinkError) as caught:
+            await rtnl.links()
+        assert caught.value.errno == errno.ENOBUFS and str(caught.value).startswith("dump links: ")
+        with pytest.raises(NetlinkError, match="get link lo: .*sending the request failed"):
+            await rtnl.link("lo")
+        rtnl.sock._sock = FailingSocket(real, recv=errno.ENOMEM)
+        with pytest.raises(NetlinkError) as caught:
+            await rtnl.link("lo")
+        assert caught.value.errno == errno.ENOMEM
+        rtnl.sock._sock = real
+        assert (await rtnl.link("lo")).index == 1
+        # On an event socket a receive error means events may be lost: reported as an overflow.
+        events._sock = FailingSocket(events._sock, recv=errno.ENOMEM)
+        br = await bridge(rtnl, "br-e")
+        await rtnl.add_route(Route(socket.AF_INET, 51820, "198.18.9.0/24", protocol=147, oif=br.index))
+        with trio.fail_after(5), pytest.raises(EventsOverflow):
+            await events.receive_events()
+        events._sock = events._sock.sock
+        with pytest.raises(NetlinkError):
+            events.join_group(100_000)  # no such group

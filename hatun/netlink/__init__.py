@@ -17,6 +17,7 @@ from hatun.netlink.genl import FamilyNotFound, resolve_family
 from hatun.netns import NetnsNotFound
 from hatun.netlink.rtnl import (
     Address,
+    EventFilter,
     Hop,
     Link,
     Nexthop,
@@ -31,7 +32,7 @@ from hatun.netlink.rtnl import (
 )
 
 __all__ = [
-    "Address", "EventsOverflow", "FamilyNotFound", "Hop", "Link", "NetlinkError", "NetlinkSocket",
+    "Address", "EventFilter", "EventsOverflow", "FamilyNotFound", "Hop", "Link", "NetlinkError", "NetlinkSocket",
     "NetlinkTimeout", "NetnsNotFound", "Nexthop", "Resilient", "Route", "Rtnl", "RtnlEvent",
     "RtnlEvents", "Rule", "open_netlink", "open_rtnl", "open_rtnl_events", "resolve_family",
 ]

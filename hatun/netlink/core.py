@@ -14,6 +14,13 @@ Two kernel limits shape the rest:
   are therefore serialised, and the next dump first reads the abandoned one to its end.
 - Replies that do not fit the receive buffer are dropped by the kernel (ENOBUFS), so the number of
   requests in flight on one socket is bounded.
+
+Notifications come from the whole namespace, including floods that are none of the caller's business
+(a routing daemon or Docker changing 100k routes). They must not starve the Trio scheduler:
+- `event_filter` looks at each notification's fixed fields before it is decoded (decoding costs
+  ~100 us, the look ~1 us); what it rejects is never decoded.
+- One wakeup reads at most `_BATCH` datagrams (or `_BATCH_SECONDS` of work), then lets other tasks run.
+- After an overflow the queue is emptied without decoding (the caller re-reads the state anyway).
 """
 
 from __future__ import annotations
@@ -23,8 +30,9 @@ import logging
 import os
 import socket
 import struct
+import time
 from collections import deque
-from collections.abc import AsyncIterator, Iterable
+from collections.abc import AsyncIterator, Callable, Iterable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 
@@ -51,8 +59,9 @@ from pyroute2.netlink import (
 )
 from pyroute2.netlink.rtnl.marshal import MarshalRtnl
 
+from hatun import bpf
 from hatun.netlink import messages
-from hatun.netns import run_in_netns
+from hatun.netns import NetnsNotFound, run_in_netns
 
 log = logging.getLogger("hatun.netlink")
 
@@ -65,8 +74,14 @@ _DUMP_QUEUE_WAIT = 60.0  # seconds a dump may wait for this socket's other dumps
 _DUMP_ATTEMPTS = 3
 # Replies to this many requests fit the default receive buffer (~208 KiB) even as 8 KiB link dumps.
 _MAX_IN_FLIGHT = 16
-_DRAIN_LIMIT = 100_000  # datagrams read in one go after an overflow (a bound, not a goal)
+_DRAIN_LIMIT = 1_000_000  # datagrams discarded after an overflow before it is reported (a bound, not a goal)
+_BATCH = 256  # datagrams read per wakeup, at most, before other tasks get their turn
+_BATCH_SECONDS = 0.002  # ... or this much work, whichever comes first
+_RECEIVE_ERROR_PAUSE = 0.5  # seconds before an unexpected receive error is reported as lost events
 _EMPTY, _OVERFLOW = object(), object()
+
+# (data, offset, length, type) of one notification -> keep it? Called before anything is decoded.
+NotificationFilter = Callable[[bytes, int, int, int], bool]
 
 
 class NetlinkError(OSError):
@@ -95,7 +110,6 @@ class EventsOverflow(Exception):
     """Notifications were lost (the socket's receive buffer overflowed): re-read the state you track."""
 
 
-
 def _default_classes(protocol: int) -> dict[int, type]:
     if protocol == NETLINK_ROUTE:
         classes = dict(MarshalRtnl.msg_map)
@@ -116,6 +130,11 @@ def _new_socket(protocol: int, netns: str | None) -> socket.socket:
         return run_in_netns(netns, lambda: socket.socket(socket.AF_NETLINK, kind, protocol))
     except TimeoutError as e:
         raise NetlinkTimeout(str(e)) from None
+    except OSError as e:
+        if isinstance(e, NetnsNotFound):
+            raise
+        # EMFILE, ENFILE, ENOBUFS, ENOMEM: an error the callers handle (they catch NetlinkError).
+        raise NetlinkError(e.errno or errno_mod.EIO, None, "open netlink socket") from None
 
 
 @dataclass
@@ -135,7 +154,9 @@ class NetlinkSocket:
 
     `message_classes` maps message types to pyroute2 classes used to decode replies and events; it
     may be extended (e.g. with a generic netlink family id once resolved). Unknown types decode as a
-    bare `nlmsg`.
+    bare `nlmsg`. `event_filter` (None: keep all) sees every notification before it is decoded and
+    drops those it returns False for; `events_filtered` and `events_discarded` (undecoded after
+    an overflow) count what went unseen.
     """
 
     def __init__(self, sock: socket.socket, protocol: int, netns: str | None, groups: tuple[int, ...]) -> None:
@@ -154,6 +175,9 @@ class NetlinkSocket:
         self._in_flight = trio.Semaphore(_MAX_IN_FLIGHT)
         self._abandoned_dump: _Pending | None = None
         self._closed = False
+        self.event_filter: NotificationFilter | None = None
+        self.events_filtered = 0
+        self.events_discarded = 0
 
     # -- public API -------------------------------------------------------------------------------
 
@@ -170,7 +194,10 @@ class NetlinkSocket:
         what = what or f"netlink request type {msg_type}"
         data = self._encode(msg, msg_type, flags)
         with trio.move_on_after(timeout) as scope:
-            pending = await self._exchange(data, flags, dump=False)
+            try:
+                pending = await self._exchange(data, flags, dump=False)
+            except NetlinkError as e:  # the socket itself failed (send ENOBUFS / ENOMEM, ...)
+                raise _with_what(e, what) from None
         if scope.cancelled_caught:
             raise NetlinkTimeout(f"{what}: no answer from the kernel within {timeout:g} s")
         if pending.error is not None:
@@ -202,6 +229,8 @@ class NetlinkSocket:
                     if pending.error is not None or not pending.interrupted:
                         break
                     log.debug("%s: dump interrupted by a concurrent change (attempt %d)", what, attempt)
+        except NetlinkError as e:
+            raise _with_what(e, what) from None
         finally:
             self._dump_lock.release()
         if scope.cancelled_caught:
@@ -213,22 +242,33 @@ class NetlinkSocket:
         return pending.replies
 
     def join_group(self, group: int) -> None:
-        """Subscribe to multicast GROUP (a number such as RTNLGRP_LINK, not a bit mask)."""
-        self._sock.setsockopt(SOL_NETLINK, NETLINK_ADD_MEMBERSHIP, group)
+        """Subscribe to multicast GROUP (a number such as RTNLGRP_LINK, not a bit mask).
+        Raises NetlinkError (e.g. ENOMEM, or EINVAL for a group the kernel lacks)."""
+        _setsockopt(self._sock, SOL_NETLINK, NETLINK_ADD_MEMBERSHIP, group, f"join netlink group {group}")
         self.groups = tuple(sorted({*self.groups, group}))
 
     async def receive_events(self, *, timeout: float | None = None) -> list:
         """Wait for notifications of the joined groups and return the decoded batch (at least one).
 
         Raises EventsOverflow when notifications were lost since the last call (the socket stays
-        usable: re-read the state, then go on receiving); NetlinkTimeout after TIMEOUT seconds
-        without an event (None: wait until cancelled); trio.ClosedResourceError once closed.
+        usable: re-read the state, then go on receiving), also after an unexpected receive error
+        (reported after a pause, so that a persistent one cannot spin); NetlinkTimeout after
+        TIMEOUT seconds without an event (None: wait until cancelled); trio.ClosedResourceError
+        once closed.
         """
         with trio.move_on_after(timeout if timeout is not None else float("inf")) as scope:
             while not self._events and not self._overflowed:
+                failed = None
                 async with self._read_lock:
                     if not self._events and not self._overflowed:
-                        await self._read_once()
+                        try:
+                            await self._read_once()
+                        except NetlinkError as e:
+                            failed = e
+                if failed is not None:
+                    log.warning("netlink socket %d: %s; treating it as lost events", self.portid, failed)
+                    self._overflowed = True
+                    await trio.sleep(_RECEIVE_ERROR_PAUSE)
         if scope.cancelled_caught:
             raise NetlinkTimeout(f"no netlink event within {timeout:g} s")
         if self._overflowed:
@@ -311,19 +351,59 @@ class NetlinkSocket:
                 return
             except BlockingIOError:
                 await trio.lowlevel.wait_writable(self._sock)
+            except OSError as e:
+                # ENOBUFS / ENOMEM (the kernel is short of memory), ECONNREFUSED, ...: an error of
+                # this request that the callers handle, never a bare OSError past their handlers.
+                raise NetlinkError(e.errno or errno_mod.EIO, "sending the request failed") from None
 
     async def _read_once(self) -> None:
-        """Wait for a datagram, read it and file its messages. Call with the read lock held."""
+        """Wait for datagrams, read a bounded batch and file their messages. Call with the read lock held.
+
+        Raises NetlinkError for a receive error other than an overflow (which is noted for
+        `receive_events`), trio.ClosedResourceError once closed.
+        """
         if self._closed:
             raise trio.ClosedResourceError("netlink socket is closed")
         await trio.lowlevel.wait_readable(self._sock)
-        if self._receive_one() is _OVERFLOW:
-            # The kernel reports an overflow once, then drops silently while the queue stays
-            # non-empty. Emptying it now makes the next loss visible again.
-            log.debug("netlink socket %d overflowed; draining it", self.portid)
-            for _ in range(_DRAIN_LIMIT):
-                if self._receive_one() is _EMPTY:
-                    break
+        # The rest waits for the next wakeup: between two, every other task gets its turn.
+        deadline = time.perf_counter() + _BATCH_SECONDS
+        for _ in range(_BATCH):
+            got = self._receive_one()
+            if got is _OVERFLOW:
+                await self._drain()
+                return
+            if got is _EMPTY or time.perf_counter() >= deadline:
+                return
+
+    async def _drain(self) -> None:
+        """Empty the queue after an overflow, decoding nothing of what is discarded.
+
+        The kernel reports an overflow once, then drops silently while the queue stays non-empty:
+        emptying it makes the next loss visible again. Notifications read here predate the state
+        the caller re-reads, so they are discarded unseen; replies to requests (unicast) are still
+        filed. Yields between batches: a queue of 100k notifications must not freeze the rest.
+        """
+        log.debug("netlink socket %d overflowed; draining it", self.portid)
+        buf = bytearray(_RECV_SIZE)
+        view = memoryview(buf)
+        for n in range(1, _DRAIN_LIMIT + 1):
+            try:
+                size, _, msg_flags, (sender, group_mask) = self._sock.recvmsg_into([buf])
+            except BlockingIOError:
+                return
+            except OSError as exc:
+                if exc.errno == errno_mod.ENOBUFS:
+                    continue  # lost more while draining: already reported
+                raise NetlinkError(exc.errno or errno_mod.EIO, "receive failed") from None
+            if group_mask != 0:
+                self.events_discarded += 1
+            elif sender == 0 and not msg_flags & socket.MSG_TRUNC:
+                self._dispatch(bytes(view[:size]), is_event=False)
+            if n % _BATCH == 0:
+                await trio.lowlevel.checkpoint()
+                if self._closed:
+                    raise trio.ClosedResourceError("netlink socket is closed")
+        log.warning("netlink socket %d: still overflowing after discarding %d datagrams", self.portid, _DRAIN_LIMIT)
 
     def _receive_one(self):
         try:
@@ -332,7 +412,8 @@ class NetlinkSocket:
             return _EMPTY
         except OSError as exc:
             if exc.errno != errno_mod.ENOBUFS:
-                raise
+                self._overflowed |= bool(self.groups)  # a notification may have gone with it
+                raise NetlinkError(exc.errno or errno_mod.EIO, "receive failed") from None
             # Notifications were dropped (on a shared socket maybe replies too: those requests
             # then time out).
             self._overflowed = True
@@ -354,9 +435,13 @@ class NetlinkSocket:
                 log.warning("malformed netlink message (length %d) dropped", length)
                 return
             if is_event:
-                msg = self._decode(data, offset, msg_type)
-                if msg is not None and self.groups:
-                    self._events.append(msg)
+                keep = self.event_filter
+                if keep is not None and not keep(data, offset, length, msg_type):
+                    self.events_filtered += 1
+                elif self.groups:
+                    msg = self._decode(data, offset, msg_type)
+                    if msg is not None:
+                        self._events.append(msg)
             else:
                 self._file_reply(data, offset, length, msg_type, flags, seq)
             offset += (length + 3) & ~3
@@ -402,6 +487,13 @@ class NetlinkSocket:
         return msg
 
 
+def _setsockopt(sock: socket.socket, level: int, option: int, value, what: str) -> None:
+    try:
+        sock.setsockopt(level, option, value)
+    except OSError as e:
+        raise NetlinkError(e.errno or errno_mod.EIO, None, what) from None
+
+
 def _with_what(error: BaseException, what: str) -> BaseException:
     if isinstance(error, NetlinkError):
         return NetlinkError(error.errno, error.message, what)
@@ -428,7 +520,8 @@ class _EventBatches:
 
 @asynccontextmanager
 async def open_netlink(protocol: int = NETLINK_ROUTE, *, netns: str | None = None, groups: Iterable[int] = (),
-                       rcvbuf: int | None = None) -> AsyncIterator[NetlinkSocket]:
+                       rcvbuf: int | None = None, event_filter: NotificationFilter | None = None,
+                       kernel_filter: Callable[[int], bytes] | None = None) -> AsyncIterator[NetlinkSocket]:
     """Open a netlink socket for Trio and close it on exit.
 
     Args:
@@ -438,25 +531,41 @@ async def open_netlink(protocol: int = NETLINK_ROUTE, *, netns: str | None = Non
         groups: multicast group NUMBERS to join (e.g. RTNLGRP_IPV4_ROUTE), for `receive_events`.
         rcvbuf: receive buffer size in bytes (forced past rmem_max when privileged). Event sockets
             want a large one; small ones overflow under bursts.
+        event_filter: called as (data, offset, length, type) for each notification before it is
+            decoded; those it returns False for are dropped undecoded (see `NetlinkSocket`).
+        kernel_filter: called with the socket's portid, returns a classic BPF program (see
+            `hatun.bpf`) that the kernel runs on every datagram, dropping early what the caller
+            would drop anyway. If the kernel refuses it, `event_filter` alone does the work.
 
-    Raises NetnsNotFound, OSError.
+    Raises NetnsNotFound, NetlinkError (the socket cannot be made: EMFILE, ENOBUFS, ...).
     """
     sock = _new_socket(protocol, netns)
     try:
-        sock.setsockopt(SOL_NETLINK, NETLINK_EXT_ACK, 1)  # errors come with the kernel's reason
-        sock.setsockopt(SOL_NETLINK, NETLINK_CAP_ACK, 1)  # ...without echoing the whole request
+        _setsockopt(sock, SOL_NETLINK, NETLINK_EXT_ACK, 1, "enable extended acks")  # errors with the kernel's reason
+        _setsockopt(sock, SOL_NETLINK, NETLINK_CAP_ACK, 1, "cap acks")  # ...without echoing the whole request
         if protocol == NETLINK_ROUTE:
             # Dump requests are validated and their filters (table, protocol, ifindex) honoured.
-            sock.setsockopt(SOL_NETLINK, NETLINK_GET_STRICT_CHK, 1)
+            _setsockopt(sock, SOL_NETLINK, NETLINK_GET_STRICT_CHK, 1, "enable strict checking")
         if rcvbuf is not None:
             try:
                 sock.setsockopt(socket.SOL_SOCKET, SO_RCVBUFFORCE, rcvbuf)
             except PermissionError:
-                sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
-        sock.bind((0, 0))
-        # Only the kernel (portid 0) may then unicast to this socket; other processes cannot inject.
-        sock.connect((0, 0))
+                _setsockopt(sock, socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf, "set the receive buffer")
+            except OSError as e:
+                raise NetlinkError(e.errno or errno_mod.EIO, None, "set the receive buffer") from None
+        try:
+            sock.bind((0, 0))
+            # Only the kernel (portid 0) may then unicast to this socket; other processes cannot inject.
+            sock.connect((0, 0))
+        except OSError as e:
+            raise NetlinkError(e.errno or errno_mod.EIO, None, "bind netlink socket") from None
         nl = NetlinkSocket(sock, protocol, netns, ())
+        nl.event_filter = event_filter
+        if kernel_filter is not None:
+            try:
+                bpf.attach(sock, kernel_filter(nl.portid))
+            except OSError as e:
+                log.warning("netlink socket filter refused (%s): filtering notifications in Python only", e)
         for group in groups:
             nl.join_group(group)
     except BaseException:

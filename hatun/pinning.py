@@ -23,6 +23,8 @@ import shutil
 
 import trio
 
+from hatun.childenv import child_environment
+
 log = logging.getLogger("hatun.pinning")
 
 NFT_TIMEOUT = 10.0
@@ -94,8 +96,9 @@ class Pinning:
         data = json.dumps(payload).encode() if payload is not None else None
         try:
             with trio.fail_after(NFT_TIMEOUT):
+                # A minimal environment: ours may hold keys (private_key_env variables).
                 res = await trio.run_process([self.nft, *args], stdin=data, capture_stdout=True,
-                                             capture_stderr=True, check=False)
+                                             capture_stderr=True, check=False, env=child_environment())
         except trio.TooSlowError:
             raise PinningError(f"nft {' '.join(args)} took longer than {NFT_TIMEOUT:.0f} s") from None
         except FileNotFoundError:

@@ -2,18 +2,24 @@
 
 from __future__ import annotations
 
+import errno
 import ipaddress
+import math
 import os
+import resource
 import signal
+import socket
 import subprocess
 import time
+from contextlib import asynccontextmanager, contextmanager
 
 import pytest
 import trio
 
 from hatun.keys import PrivateKey
 from hatun.wireguard import BackendUnavailable, kernel_has_wireguard, select_backend, uapi
-from hatun.wireguard.model import DeviceSettings, DeviceStatus, PeerSettings, PeerStatus, WireGuardError
+from hatun.wireguard.model import DeviceSettings, DeviceStatus, DeviceTimeout, PeerSettings, PeerStatus, WireGuardError
+from hatun.wireguard.userspace import HANG_AFTER
 from tests.nsutil import RUN_ID
 
 PRIV = PrivateKey(bytes(range(1, 33)))
@@ -287,12 +293,161 @@ async def test_not_running_missing_and_stale(wggo):
 
 
 async def test_timeout_when_nobody_answers(tmp_path):
-    # A socket that accepts but never replies: the client gives up within its timeout.
+    # A socket that accepts but never replies (as a SIGSTOPped wireguard-go does): the client gives
+    # up within its timeout, with an error of its own kind, so that callers can tell a hang from a
+    # missing device.
     import socket as stdsocket
     path = uapi.socket_path("mute", str(tmp_path))
     server = stdsocket.socket(stdsocket.AF_UNIX)
     server.bind(path)
     server.listen()
     with server, trio.fail_after(2):
-        with pytest.raises(WireGuardError, match="did not answer on its UAPI socket within 0.2s"):
+        with pytest.raises(uapi.UapiTimeout, match="did not answer on its UAPI socket within 0.2s") as e:
             await uapi.get("mute", socket_dir=str(tmp_path), timeout=0.2)
+        assert isinstance(e.value, DeviceTimeout) and not isinstance(e.value, uapi.NotRunning)
+        with pytest.raises(uapi.UapiTimeout):
+            await uapi.set("mute", ["listen_port=1"], socket_dir=str(tmp_path), timeout=0.2)
+
+
+# --- resource exhaustion (issue 12, item 2) ---
+
+@contextmanager
+def no_free_descriptors():
+    """Within: every new file descriptor fails with EMFILE (soft RLIMIT_NOFILE lowered to the
+    descriptors in use, the holes below it filled); restored on exit."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    limit = max(int(fd) for fd in os.listdir("/proc/self/fd")) + 1
+    filler: list[int] = []
+    resource.setrlimit(resource.RLIMIT_NOFILE, (limit, hard))
+    try:
+        for _ in range(limit):  # bounded: at most one per slot below the limit
+            try:
+                filler.append(os.open("/dev/null", os.O_RDONLY))
+            except OSError as e:
+                assert e.errno == errno.EMFILE
+                break
+        yield
+    finally:
+        for fd in filler:
+            os.close(fd)
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+
+
+async def test_exhausted_descriptors_raise_wireguard_error(tmp_path, monkeypatch):
+    # EMFILE (for real, through RLIMIT_NOFILE) and ENFILE (simulated) when making the UAPI socket:
+    # a WireGuardError saying so, never a bare OSError that would end the caller's nursery, and
+    # neither "not running" nor a timeout (nothing must be restarted or killed because of it).
+    calls = [lambda: uapi.get("hat0", socket_dir=str(tmp_path)),
+             lambda: uapi.set("hat0", ["listen_port=1"], socket_dir=str(tmp_path)),
+             lambda: uapi.server_pid("hat0", socket_dir=str(tmp_path))]
+    for call in calls:
+        with no_free_descriptors(), pytest.raises(WireGuardError, match="Too many open files") as e:
+            await call()
+        assert not isinstance(e.value, (uapi.NotRunning, uapi.UapiTimeout))
+
+    def enfile(*args, **kw):
+        raise OSError(errno.ENFILE, os.strerror(errno.ENFILE))
+    monkeypatch.setattr(trio.socket, "socket", enfile)
+    for call in calls:
+        with pytest.raises(WireGuardError, match="Too many open files in system"):
+            await call()
+
+
+# --- hang detection in the backend, against a fake wireguard-go (issue 12, item 3) ---
+
+async def fake_wireguard_go(path: str, mute: list[bool], *, task_status=trio.TASK_STATUS_IGNORED) -> None:
+    """Serve a UAPI socket at PATH: a `get` is answered while MUTE[0] is False; otherwise the
+    connection is accepted and held without a word, as a stopped wireguard-go does."""
+    listener = trio.socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    await listener.bind(path)
+    listener.listen()
+
+    async def handle(conn) -> None:
+        with conn:
+            data = b""
+            while not data.endswith(b"\n\n"):
+                chunk = await conn.recv(4096)
+                if not chunk:
+                    return
+                data += chunk
+            if mute[0]:
+                await trio.sleep_forever()
+            await conn.send(b"listen_port=1\nerrno=0\n\n")
+            while await conn.recv(4096):
+                pass
+
+    with listener:
+        async with trio.open_nursery() as nursery:
+            task_status.started()
+            while True:
+                conn, _ = await listener.accept()
+                nursery.start_soon(handle, conn)
+
+
+@asynccontextmanager
+async def fake_backend(tmp_path, mute: list[bool]):
+    """A UserspaceBackend whose device "fake0" (pid 4242, never signalled: not a wireguard-go)
+    is served by `fake_wireguard_go`."""
+    from hatun.wireguard.userspace import UserspaceBackend, _Device
+    async with trio.open_nursery() as nursery:
+        await nursery.start(fake_wireguard_go, uapi.socket_path("fake0", str(tmp_path)), mute)
+        backend = UserspaceBackend(nursery, None, executable="wireguard-go", run_dir=str(tmp_path), netns=None,
+                                   socket_dir=str(tmp_path), on_recreated=None)
+        dev = backend._devices["fake0"] = _Device("fake0", pid=4242)
+        yield backend, dev
+        nursery.cancel_scope.cancel()
+
+
+async def test_unanswered_requests_in_a_row_mark_the_device_hung(tmp_path, autojump_clock, caplog):
+    mute = [True]
+    async with fake_backend(tmp_path, mute) as (backend, dev):
+        async def unanswered() -> None:
+            with pytest.raises(uapi.UapiTimeout):
+                await backend.get("fake0", with_link=False, timeout=1.0)
+
+        # Three callers at the same moment meet the same silence: one timeout, not three.
+        async with trio.open_nursery() as nursery:
+            for _ in range(3):
+                nursery.start_soon(unanswered)
+        assert dev.timeouts == 1 and not dev.hung.is_set()
+        await unanswered()
+        assert dev.timeouts == 2
+        # Any reply resets the count.
+        mute[0] = False
+        assert (await backend.get("fake0", with_link=False)).listen_port == 1
+        assert dev.timeouts == 0
+        mute[0] = True
+        for n in range(1, 4):
+            assert not dev.hung.is_set()
+            await unanswered()
+            assert dev.timeouts == n
+        assert dev.hung.is_set()  # what the device's watcher waits for to replace the process
+        assert "left 3 UAPI requests in a row unanswered: it is hung" in caplog.text
+
+        # Callers with short timeouts: three are not enough, a silence of HANG_AFTER seconds is needed too.
+        dev.pid, dev.timeouts, dev.hung = 4343, 0, trio.Event()  # as after a replacement
+        start = trio.current_time()
+        while not dev.hung.is_set():
+            with pytest.raises(uapi.UapiTimeout):
+                await backend.get("fake0", with_link=False, timeout=0.2)
+            assert dev.timeouts < 20
+        assert dev.timeouts > 3 and trio.current_time() - start >= HANG_AFTER
+
+
+async def test_liveness_check_notices_a_hang_nobody_asked_about(tmp_path, autojump_clock):
+    mute = [False]
+    async with fake_backend(tmp_path, mute) as (backend, dev):
+        dev.scope = trio.CancelScope()  # as if watched
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(backend.serve_liveness)
+            with trio.fail_after(5):
+                while dev.answered_at == -math.inf:  # it asks an idle device on its own...
+                    await trio.sleep(0.1)
+            assert dev.timeouts == 0
+            mute[0] = True
+            start = trio.current_time()
+            with trio.fail_after(30):
+                await dev.hung.wait()  # ...and finds out when it stops answering
+            # three timeouts of CHECK_TIMEOUT, asked again at once after each (virtual clock)
+            assert trio.current_time() - start <= 6
+            nursery.cancel_scope.cancel()

@@ -6,6 +6,7 @@ tunnel 198.18.101.2/30). Interface names carry the run id: wireguard-go's socket
 
 from __future__ import annotations
 
+import errno
 import ipaddress
 import logging
 import os
@@ -279,3 +280,95 @@ async def test_start_failure_says_why(pair):
 
 async def _true_if(value: bool) -> bool:
     return value
+
+
+# --- issue 12: hung processes, exhausted descriptors ---
+
+def stop_and_later_kill(pid: int, ifname: str):
+    """SIGSTOP PID (a wireguard-go for IFNAME) and return a cleanup that SIGKILLs it if it is still
+    that process (the test's own doing: a stopped process must not outlive a failed test)."""
+    os.kill(pid, signal.SIGSTOP)
+
+    def cleanup() -> None:
+        if alive(pid) and pid in wireguard_go_pids(ifname):
+            os.kill(pid, signal.SIGKILL)
+    return cleanup
+
+
+async def test_sigstopped_wireguard_go_is_replaced(pair, caplog):
+    recreated = []
+    async with backend(pair, pair.ns_a, on_recreated=recreated.append) as ba, backend(pair, pair.ns_b) as bb:
+        await ba.apply(pair.a)
+        await bb.apply(pair.b)
+        assert await ping(pair.ns_a, "198.18.101.2")
+        old_pid, old_index = ba.pid(pair.if_a), (await ba.get(pair.if_a)).ifindex
+        cleanup = stop_and_later_kill(old_pid, pair.if_a)
+        try:
+            # Frozen: it still accepts connections and names itself, but never answers.
+            assert await uapi.server_pid(pair.if_a) == old_pid
+            with pytest.raises(uapi.UapiTimeout):
+                await ba.get(pair.if_a, timeout=0.2)
+
+            async def back():
+                if ba.pid(pair.if_a) == old_pid:  # (asking the frozen one would only wait)
+                    return None
+                st = await ba.get(pair.if_a)
+                ok = st and st.up and st.addresses and st.peer and st.peer.endpoint == ("198.18.0.2", PORT_B)
+                return st if ok else None
+            st = await wait_for(back, 15.0)
+            assert st.ifindex != old_index and st.public_key == pair.key_a.public_key
+            await wait_for(lambda: _true_if(not alive(old_pid)), 5.0)  # killed, and reaped: it was ours
+            assert recreated == [pair.if_a]
+            assert await ping(pair.ns_a, "198.18.101.2")
+            assert "it is hung" in caplog.text and "killed it (SIGKILL)" in caplog.text
+        finally:
+            cleanup()
+
+
+async def test_silent_wireguard_go_is_not_adopted_and_a_stopped_one_is_deleted_at_once(pair, caplog):
+    async with backend(pair, pair.ns_a) as ba:
+        await ba.apply(pair.a)
+        old_pid = ba.pid(pair.if_a)
+    cleanup = stop_and_later_kill(old_pid, pair.if_a)
+    try:
+        # A restarted hatun finds a wireguard-go that accepts connections but does not answer:
+        # it is replaced, not adopted (adopted, every configure would time out forever).
+        async with backend(pair, pair.ns_a) as ba2:
+            with trio.fail_after(10):
+                changes = await ba2.apply(pair.a)
+            new_pid = ba2.pid(pair.if_a)
+            assert changes.created and new_pid != old_pid and not alive(old_pid)
+            assert f"running wireguard-go (pid {old_pid}) accepts UAPI connections but does not answer" in caplog.text
+            assert f"adopted running wireguard-go (pid {old_pid})" not in caplog.text
+
+            # Deleting a stopped one: SIGKILL at once after the link removal, no SIGTERM it could not act on.
+            cleanup2 = stop_and_later_kill(new_pid, pair.if_a)
+            try:
+                caplog.clear()
+                await ba2.delete(pair.if_a)
+                assert not alive(new_pid)
+                assert "sending SIGKILL" in caplog.text and "sending SIGTERM" not in caplog.text
+            finally:
+                cleanup2()
+    finally:
+        cleanup()
+
+
+async def test_exhausted_descriptors_at_the_uapi_socket_are_errors_not_hangs(pair, monkeypatch):
+    async with backend(pair, pair.ns_a) as ba:
+        await ba.apply(pair.a)
+        pid = ba.pid(pair.if_a)
+
+        def emfile(*args, **kw):
+            raise OSError(errno.EMFILE, os.strerror(errno.EMFILE))
+        with monkeypatch.context() as m:
+            m.setattr(trio.socket, "socket", emfile)
+            for call in (lambda: ba.get(pair.if_a), lambda: ba.apply(pair.a), lambda: ba.reset_peer(pair.a)):
+                with pytest.raises(WireGuardError, match="Too many open files") as e:
+                    await call()
+                assert not isinstance(e.value, uapi.UapiTimeout)
+            await trio.sleep(1.5)  # the liveness check meets EMFILE too, meanwhile
+        # Not a hang: the process is still the same, and the backend still works.
+        assert ba.pid(pair.if_a) == pid and alive(pid)
+        assert (await ba.get(pair.if_a)).public_key == pair.key_a.public_key
+        assert not await ba.apply(pair.a)

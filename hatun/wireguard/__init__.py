@@ -5,9 +5,9 @@ from __future__ import annotations
 import shutil
 from collections.abc import Awaitable, Callable
 
-from hatun.wireguard.model import BackendUnavailable, WireGuardError
+from hatun.wireguard.model import BackendUnavailable, DeviceTimeout, WireGuardError
 
-__all__ = ["BackendUnavailable", "WireGuardError", "kernel_has_wireguard", "select_backend"]
+__all__ = ["BackendUnavailable", "DeviceTimeout", "WireGuardError", "kernel_has_wireguard", "select_backend"]
 
 USERSPACE_HINT = "install the wireguard-go package (Debian/Ubuntu: apt-get install wireguard-go)"
 

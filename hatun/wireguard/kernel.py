@@ -39,13 +39,15 @@ from pyroute2.netlink.generic.wireguard import (
 from hatun.keys import PublicKey
 from hatun.netlink.core import NetlinkError, NetlinkSocket, NetlinkTimeout, open_netlink
 from hatun.netlink.genl import FamilyNotFound, resolve_family
-from hatun.netlink.rtnl import Rtnl, open_rtnl
+from hatun.netlink.rtnl import Rtnl
+from hatun.netns import NetnsNotFound
 from hatun.wireguard import USERSPACE_HINT, link
 from hatun.wireguard.model import (
     BackendUnavailable,
     Changes,
     DeviceSettings,
     DeviceStatus,
+    DeviceTimeout,
     IPNetwork,
     PeerStatus,
     WireGuardError,
@@ -265,14 +267,16 @@ class KernelBackend:
                 await self._configure(settings, reset_peer=True)
                 log.info("%s: peer session reset", ifname)
 
-    async def get(self, ifname: str, *, with_link: bool = True) -> DeviceStatus | None:
+    async def get(self, ifname: str, *, with_link: bool = True, timeout: float | None = None) -> DeviceStatus | None:
         """IFNAME's configuration, counters and link state (never its private key); None if missing.
         WITH_LINK=False skips the link state (index, addresses, MTU): counters only, cheaper.
+        TIMEOUT: seconds for the kernel's answer to the WireGuard read (None: the socket's default).
 
-        Raises WireGuardError when IFNAME is not a WireGuard device or cannot be read.
+        Raises DeviceTimeout when the kernel does not answer in time, WireGuardError when IFNAME is
+        not a WireGuard device or cannot be read.
         """
         check_ifname(ifname)
-        status = await self._read(ifname)
+        status = await self._read(ifname, timeout)
         if status is None or not with_link:
             return status
         state = await link.link_state(self._rtnl, ifname)
@@ -288,8 +292,8 @@ class KernelBackend:
         """
         try:
             links = await self._rtnl.links()
-        except (NetlinkError, NetlinkTimeout) as exc:
-            raise WireGuardError(f"cannot list links: {exc}") from exc
+        except link.NETLINK_FAILURES as exc:
+            raise WireGuardError(f"cannot list links: {link.describe(exc)}") from exc
         return sorted(ln.name for ln in links if ln.kind == KIND)
 
     async def delete(self, ifname: str) -> None:
@@ -320,8 +324,10 @@ class KernelBackend:
         for msg in messages:
             try:
                 await self._genl.request(msg, self._family, what=what)
-            except (NetlinkError, NetlinkTimeout) as exc:
-                raise WireGuardError(str(exc)) from exc
+            except NetlinkTimeout as exc:
+                raise DeviceTimeout(str(exc)) from exc
+            except link.NETLINK_FAILURES as exc:
+                raise WireGuardError(str(exc) if isinstance(exc, NetlinkError) else f"{what}: {link.describe(exc)}") from exc
         # After the WireGuard part, so that the device has its key and peer when it comes up.
         return changed | await link.configure_link(self._rtnl, ifname, addresses=settings.addresses,
                                                    mtu=settings.mtu, up=True)
@@ -331,8 +337,8 @@ class KernelBackend:
         there is none; WireGuardError for a link of another kind (a name clash: never touch it)."""
         try:
             found = await self._rtnl.link(ifname)
-        except (NetlinkError, NetlinkTimeout) as exc:
-            raise WireGuardError(f"{ifname}: cannot read the device: {exc}") from exc
+        except link.NETLINK_FAILURES as exc:
+            raise WireGuardError(f"{ifname}: cannot read the device: {link.describe(exc)}") from exc
         if found is None:
             return False
         if found.kind != KIND:
@@ -345,15 +351,17 @@ class KernelBackend:
             return False
         try:
             await self._rtnl.add_link(ifname, KIND)
-        except (NetlinkError, NetlinkTimeout) as exc:
-            raise WireGuardError(f"{ifname}: cannot create the WireGuard device: {exc}") from exc
+        except link.NETLINK_FAILURES as exc:
+            raise WireGuardError(f"{ifname}: cannot create the WireGuard device: {link.describe(exc)}") from exc
         self._generations[ifname] = self._generations.get(ifname, 0) + 1
         return True
 
-    async def _read(self, ifname: str) -> DeviceStatus | None:
+    async def _read(self, ifname: str, timeout: float | None = None) -> DeviceStatus | None:
         """The WireGuard half of IFNAME's state, or None when there is no such device."""
+        what = f"{ifname}: read WireGuard device"
         try:
-            replies = await self._genl.dump(get_message(ifname), self._family, what=f"{ifname}: read WireGuard device")
+            replies = await self._genl.dump(get_message(ifname), self._family, what=what,
+                                            **({} if timeout is None else {"timeout": timeout}))
         except NetlinkError as exc:
             if exc.errno == errno.ENODEV:
                 return None
@@ -361,7 +369,9 @@ class KernelBackend:
                 raise WireGuardError(f"{ifname} exists but is not a WireGuard device") from exc
             raise WireGuardError(str(exc)) from exc
         except NetlinkTimeout as exc:
-            raise WireGuardError(str(exc)) from exc
+            raise DeviceTimeout(str(exc)) from exc
+        except OSError as exc:  # from the socket itself (ENOBUFS...)
+            raise WireGuardError(f"{what}: {link.describe(exc)}") from exc
         return parse_device(ifname, replies)
 
 
@@ -378,7 +388,12 @@ async def open_kernel_backend(*, rtnl: Rtnl | None = None, netns: str | None = N
     itself fails.
     """
     async with AsyncExitStack() as stack:
-        genl = await stack.enter_async_context(open_netlink(NETLINK_GENERIC, netns=netns))
+        try:
+            genl = await stack.enter_async_context(open_netlink(NETLINK_GENERIC, netns=netns))
+        except NetnsNotFound:
+            raise
+        except OSError as exc:  # EMFILE, ENOBUFS...
+            raise WireGuardError(f"cannot open a generic netlink socket: {exc.strerror or exc}") from None
         try:
             family = await resolve_family(genl, WG_GENL_NAME)
         except FamilyNotFound:
@@ -387,8 +402,8 @@ async def open_kernel_backend(*, rtnl: Rtnl | None = None, netns: str | None = N
                 f"this kernel has no WireGuard{where}: the generic netlink family \"wireguard\" does not exist"
                 f" (module not built, not installed or cannot be loaded); use a kernel with WireGuard, or"
                 f" backend \"userspace\" and {USERSPACE_HINT}") from None
-        except (NetlinkError, NetlinkTimeout) as exc:
-            raise WireGuardError(f"cannot look up the WireGuard generic netlink family: {exc}") from exc
+        except link.NETLINK_FAILURES as exc:
+            raise WireGuardError(f"cannot look up the WireGuard generic netlink family: {link.describe(exc)}") from exc
         if rtnl is None:
-            rtnl = await stack.enter_async_context(open_rtnl(netns=netns))
+            rtnl = await link.enter_rtnl(stack, netns)
         yield KernelBackend(genl, family, rtnl)

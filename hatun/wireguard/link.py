@@ -9,11 +9,17 @@ from __future__ import annotations
 
 import ipaddress
 from collections.abc import Iterable
+from contextlib import AsyncExitStack
 from typing import NamedTuple
 
 from hatun.netlink.core import NetlinkError, NetlinkTimeout
-from hatun.netlink.rtnl import Rtnl
+from hatun.netlink.rtnl import Rtnl, open_rtnl
+from hatun.netns import NetnsNotFound
 from hatun.wireguard.model import IPInterface, WireGuardError
+
+# What a netlink call may raise: the kernel's refusal, no answer, or a plain OSError from the
+# socket itself (ENOBUFS, ENOMEM when sending). All of them become WireGuardError here.
+NETLINK_FAILURES = (NetlinkError, NetlinkTimeout, OSError)
 
 _LINK_LOCAL = (ipaddress.ip_network("169.254.0.0/16"), ipaddress.ip_network("fe80::/10"))
 
@@ -23,6 +29,27 @@ class LinkState(NamedTuple):
     addresses: tuple[IPInterface, ...]  # global ones only: link-local addresses are the kernel's
     mtu: int
     up: bool
+
+
+def describe(exc: OSError) -> str:
+    """A netlink failure in words: NetlinkError/NetlinkTimeout say it themselves, a bare OSError by
+    its strerror."""
+    if isinstance(exc, (NetlinkError, NetlinkTimeout)) or not exc.strerror:
+        return str(exc)
+    return exc.strerror
+
+
+async def enter_rtnl(stack: AsyncExitStack, netns: str | None) -> Rtnl:
+    """An rtnetlink socket in NETNS (None: ours), closed with STACK.
+
+    Raises NetnsNotFound, WireGuardError when no socket can be had (EMFILE, ENOBUFS...).
+    """
+    try:
+        return await stack.enter_async_context(open_rtnl(netns=netns))
+    except NetnsNotFound:
+        raise
+    except OSError as exc:
+        raise WireGuardError(f"cannot open an rtnetlink socket: {exc.strerror or exc}") from None
 
 
 def _is_global(interface: IPInterface) -> bool:
@@ -39,8 +66,8 @@ async def link_state(rtnl: Rtnl, ifname: str) -> LinkState | None:
         if link is None:
             return None
         addrs = await rtnl.addresses(link.index)
-    except (NetlinkError, NetlinkTimeout) as exc:
-        raise WireGuardError(f"{ifname}: cannot read the device: {exc}") from exc
+    except NETLINK_FAILURES as exc:
+        raise WireGuardError(f"{ifname}: cannot read the device: {describe(exc)}") from exc
     return LinkState(link.index, tuple(a.interface for a in addrs if _is_global(a.interface)), link.mtu, link.up)
 
 
@@ -72,8 +99,8 @@ async def configure_link(rtnl: Rtnl, ifname: str, *, addresses: Iterable[IPInter
         if state.up != up:
             await rtnl.set_link(state.ifindex, up=up)
             changed.add("up")
-    except (NetlinkError, NetlinkTimeout) as exc:
-        raise WireGuardError(f"{ifname}: cannot configure the device: {exc}") from exc
+    except NETLINK_FAILURES as exc:
+        raise WireGuardError(f"{ifname}: cannot configure the device: {describe(exc)}") from exc
     return changed
 
 
@@ -81,5 +108,5 @@ async def delete_link(rtnl: Rtnl, ifname: str) -> bool:
     """Delete device IFNAME; False when it did not exist. Raises WireGuardError on failure."""
     try:
         return await rtnl.delete_link(ifname)
-    except (NetlinkError, NetlinkTimeout) as exc:
-        raise WireGuardError(f"{ifname}: cannot delete the device: {exc}") from exc
+    except NETLINK_FAILURES as exc:
+        raise WireGuardError(f"{ifname}: cannot delete the device: {describe(exc)}") from exc

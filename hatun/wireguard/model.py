@@ -25,6 +25,11 @@ class BackendUnavailable(WireGuardError):
     """The requested backend cannot work on this host (message says what to install)."""
 
 
+class DeviceTimeout(WireGuardError):
+    """The device was reached but did not answer in time (a hung wireguard-go, a kernel that did
+    not reply): unlike a missing device, it may still hold its routes and flows."""
+
+
 @dataclass(frozen=True)
 class PeerSettings:
     public_key: PublicKey
@@ -94,9 +99,10 @@ class Backend(Protocol):
     async def apply(self, settings: DeviceSettings) -> Changes:
         """Create the device if missing and make it match SETTINGS, touching only what differs."""
 
-    async def get(self, ifname: str, *, with_link: bool = True) -> DeviceStatus | None:
+    async def get(self, ifname: str, *, with_link: bool = True, timeout: float | None = None) -> DeviceStatus | None:
         """The device as it is now, or None when it does not exist (WITH_LINK=False: WireGuard
-        state and counters only, without the link's index, addresses and MTU)."""
+        state and counters only, without the link's index, addresses and MTU). TIMEOUT: seconds
+        for the device's answer (None: the backend's default); DeviceTimeout when it does not come."""
 
     async def list(self) -> list[str]:
         """Names of the WireGuard devices this backend sees."""

@@ -23,7 +23,7 @@ from collections.abc import Sequence
 import trio
 
 from hatun.keys import PrivateKey, PublicKey
-from hatun.wireguard.model import DeviceSettings, DeviceStatus, PeerStatus, WireGuardError
+from hatun.wireguard.model import DeviceSettings, DeviceStatus, DeviceTimeout, PeerStatus, WireGuardError
 
 SOCKET_DIR = "/run/wireguard"
 TIMEOUT = 2.0  # seconds for one request: wireguard-go answers in well under a millisecond
@@ -37,6 +37,15 @@ class UapiProtocolError(WireGuardError):
 
 class NotRunning(WireGuardError):
     """No wireguard-go answers for this interface (no socket, or a stale one left by SIGKILL)."""
+
+
+class UapiTimeout(DeviceTimeout):
+    """Something serves the UAPI socket but did not answer in time: a stopped or deadlocked
+    wireguard-go still accepts connections (and SO_PEERCRED names it), then never replies."""
+
+
+class UapiRefused(WireGuardError):
+    """wireguard-go answered a request with errno != 0 (it is alive; it refused this request)."""
 
 
 def socket_path(ifname: str, socket_dir: str = SOCKET_DIR) -> str:
@@ -234,7 +243,11 @@ def diff_lines(wanted: DeviceSettings, current: DeviceStatus | None) -> tuple[li
 
 async def _connect(ifname: str, socket_dir: str) -> trio.socket.SocketType:
     path = socket_path(ifname, socket_dir)
-    sock = trio.socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        sock = trio.socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    except OSError as e:  # EMFILE, ENFILE, ENOMEM: ours to report, not to crash on
+        raise WireGuardError(f"cannot open a socket to talk to wireguard-go for {ifname}: "
+                             f"{e.strerror or e}") from None
     try:
         await sock.connect(path)
     except (FileNotFoundError, ConnectionRefusedError):
@@ -242,7 +255,7 @@ async def _connect(ifname: str, socket_dir: str) -> trio.socket.SocketType:
         raise NotRunning(f"no wireguard-go answers for {ifname} ({path} missing or stale)") from None
     except OSError as e:
         sock.close()
-        raise WireGuardError(f"cannot connect to {path}: {e.strerror}") from None
+        raise WireGuardError(f"cannot connect to {path}: {e.strerror or e}") from None
     except BaseException:
         sock.close()
         raise
@@ -261,7 +274,7 @@ async def _request(ifname: str, request: bytes, socket_dir: str, timeout: float)
                 try:
                     chunk = await sock.recv(65536)
                 except OSError as e:
-                    raise WireGuardError(f"UAPI of {ifname}: {e.strerror}") from None
+                    raise WireGuardError(f"UAPI of {ifname}: {e.strerror or e}") from None
                 if not chunk:
                     raise NotRunning(f"wireguard-go for {ifname} closed its UAPI connection mid-reply")
                 buf += chunk
@@ -269,7 +282,7 @@ async def _request(ifname: str, request: bytes, socket_dir: str, timeout: float)
                     raise UapiProtocolError(f"UAPI reply of {ifname} exceeds {MAX_REPLY} bytes")
             return split_reply(bytes(buf))
     assert scope.cancelled_caught
-    raise WireGuardError(f"wireguard-go for {ifname} did not answer on its UAPI socket within {timeout:g}s")
+    raise UapiTimeout(f"wireguard-go for {ifname} did not answer on its UAPI socket within {timeout:g}s")
 
 
 async def _sendall(sock: trio.socket.SocketType, data: bytes, ifname: str) -> None:
@@ -279,18 +292,21 @@ async def _sendall(sock: trio.socket.SocketType, data: bytes, ifname: str) -> No
             n = await sock.send(view)
         except (BrokenPipeError, ConnectionResetError):
             raise NotRunning(f"wireguard-go for {ifname} closed its UAPI connection") from None
+        except OSError as e:
+            raise WireGuardError(f"UAPI of {ifname}: {e.strerror or e}") from None
         view = view[n:]
 
 
 async def get(ifname: str, *, socket_dir: str = SOCKET_DIR, timeout: float = TIMEOUT) -> DeviceStatus:
     """Read IFNAME's configuration and counters (`get=1`), without its private key.
 
-    Raises NotRunning when no wireguard-go answers, WireGuardError on a timeout or errno != 0,
-    UapiProtocolError for a reply that cannot be parsed.
+    Raises NotRunning when no wireguard-go answers, UapiTimeout when it is connected but does not
+    answer within TIMEOUT seconds, UapiRefused for errno != 0, UapiProtocolError for a reply that
+    cannot be parsed, WireGuardError when the socket cannot be made (EMFILE...).
     """
     lines, code = await _request(ifname, b"get=1\n\n", socket_dir, timeout)
     if code:
-        raise WireGuardError(f"wireguard-go {ifname}: get failed with {describe_errno(code)}")
+        raise UapiRefused(f"wireguard-go {ifname}: get failed with {describe_errno(code)}")
     return parse_get(ifname, lines)
 
 
@@ -298,8 +314,9 @@ async def set(ifname: str, lines: Sequence[str], *, socket_dir: str = SOCKET_DIR
               timeout: float = TIMEOUT) -> None:
     """Send one `set=1` request made of LINES (`key=value`, keys hex, as the protocol wants).
 
-    Raises NotRunning when no wireguard-go answers; WireGuardError when it answers errno != 0 (the
-    message names the keys sent, never their values; wireguard-go's log says why).
+    Raises NotRunning when no wireguard-go answers; UapiTimeout when it does not answer in time;
+    UapiRefused when it answers errno != 0 (the message names the keys sent, never their values;
+    wireguard-go's log says why); WireGuardError when the socket cannot be made (EMFILE...).
     """
     for line in lines:
         if "=" not in line or "\n" in line:
@@ -309,17 +326,22 @@ async def set(ifname: str, lines: Sequence[str], *, socket_dir: str = SOCKET_DIR
     _, code = await _request(ifname, request, socket_dir, timeout)
     if code:
         keys = ", ".join(dict.fromkeys(line.partition("=")[0] for line in lines))
-        raise WireGuardError(
+        raise UapiRefused(
             f"wireguard-go {ifname} refused the configuration ({describe_errno(code)}; keys sent: {keys})")
 
 
 async def server_pid(ifname: str, *, socket_dir: str = SOCKET_DIR, timeout: float = TIMEOUT) -> int:
     """PID of the wireguard-go process that serves IFNAME's UAPI socket (SO_PEERCRED).
 
-    Raises NotRunning when nothing answers, WireGuardError on a timeout.
+    Raises NotRunning when nothing answers, UapiTimeout when the connection is not accepted in
+    time (a hung server whose backlog is full), WireGuardError when the socket cannot be made.
     """
     with trio.move_on_after(timeout):
         with await _connect(ifname, socket_dir) as sock:
-            pid, _uid, _gid = struct.unpack("3i", sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, 12))
+            try:
+                cred = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, 12)
+            except OSError as e:
+                raise WireGuardError(f"UAPI socket of {ifname}: cannot read its peer: {e.strerror or e}") from None
+            pid, _uid, _gid = struct.unpack("3i", cred)
             return pid
-    raise WireGuardError(f"UAPI socket of {ifname} did not accept a connection within {timeout:g}s")
+    raise UapiTimeout(f"UAPI socket of {ifname} did not accept a connection within {timeout:g}s")

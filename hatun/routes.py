@@ -176,9 +176,10 @@ class Reconciler:
                 self.owned_addresses.discard(a)
         return res
 
-    async def remove_all(self) -> SyncResult:
-        """Delete every object of hatun's (for a clean stop or `hatun down`)."""
-        return await self.sync(Wanted())
+    async def remove_all(self, keep: Wanted | None = None) -> SyncResult:
+        """Delete every object of hatun's but those in KEEP (for a clean stop or `hatun down`; KEEP
+        is the fail-closed gate of `steering.fail_closed_gate`, which is added if it is missing)."""
+        return await self.sync(keep or Wanted())
 
 
 def adopted_members(actual: Actual, layout: Layout, ifnames: dict[int, str], prefixes) -> set[str]:

@@ -17,6 +17,9 @@ from hatun.health import State
 BYPASS_SLOT = 1  # mark of the tunnels' own encrypted UDP packets
 FIRST_SLOT = 2
 GROUP_ID_OFFSET = 1000  # group ids: nexthop_id + 1000 (IPv4), + 1001 (IPv6)
+# Route priority (metric) of the fail-closed stubs: above any real route (IPv4 0, IPv6 1024 by
+# default), so the kernel uses a stub only when the real route of its prefix is gone.
+FAIL_CLOSED_METRIC = 0xFFFFFF00
 
 
 @dataclass(frozen=True)
@@ -196,11 +199,14 @@ def render(
     resilient,
     pin_flows: bool,
     lo_index: int,
+    fail_closed: bool = False,
 ) -> Wanted:
     """The kernel objects for DECISION (pure).
 
     MODE is "resilient" (nexthop objects in a resilient group; RESILIENT holds its parameters) or
-    "multipath" (a classic weighted multipath route). See docs/design.md for the layout.
+    "multipath" (a classic weighted multipath route). FAIL_CLOSED (`when_all_down = "unreachable"`)
+    adds the fail-closed stubs (see `fail_closed_gate`); they alone make the prefixes unreachable
+    when no tunnel carries them. See docs/design.md for the layout.
     """
     import socket
 
@@ -230,8 +236,12 @@ def render(
 
     for v in families:
         for p in (p for p in prefixes if p.version == v):
+            if fail_closed:
+                # Behind the real route, or alone when there is none: never a fall-back to the main table.
+                routes.append(_stub(af[v], layout, p))
             if not members:
-                routes.append(Route(af[v], layout.table, p, type="unreachable", protocol=proto))
+                if not fail_closed:
+                    routes.append(Route(af[v], layout.table, p, type="unreachable", protocol=proto))
             elif mode == "resilient":
                 routes.append(Route(af[v], layout.table, p, protocol=proto, nh_id=layout.group(v), prefsrc=source.get(v)))
             elif len(members) == 1:
@@ -258,9 +268,43 @@ def render(
         if pin_flows:
             rules += [Rule(af[v], layout.rule_priority, layout.pinned_table(t.slot), fwmark=layout.mark(t.slot),
                            fwmask=layout.fwmark_mask, protocol=proto) for t in sorted(tunnels, key=lambda t: t.slot)]
-        if any(p.prefixlen == 0 for p in prefixes if p.version == v):
-            # Like wg-quick for a default route: more specific routes of the main table still win.
-            rules.append(Rule(af[v], layout.rule_priority + 1, 254, suppress_prefixlength=0, protocol=proto))
-        rules.append(Rule(af[v], layout.rule_priority + 2, layout.table, fwmark=layout.bypass_mark,
-                          fwmask=layout.fwmark_mask, invert=True, protocol=proto))
+        rules += _steering_rules(v, prefixes, layout)
     return Wanted(tuple(addresses), tuple(nexthops), tuple(routes), tuple(rules))
+
+
+def _stub(family: int, layout: Layout, prefix: ipaddress._BaseNetwork):
+    from hatun.netlink.rtnl import Route
+
+    return Route(family, layout.table, prefix, type="unreachable", protocol=layout.protocol, priority=FAIL_CLOSED_METRIC)
+
+
+def _steering_rules(v: int, prefixes: Sequence[ipaddress._BaseNetwork], layout: Layout) -> list:
+    """Rules rule_priority+1 and +2 of IP version V: everything but the tunnels' encrypted packets
+    looks up the steering table."""
+    import socket
+
+    from hatun.netlink.rtnl import Rule
+
+    family = socket.AF_INET if v == 4 else socket.AF_INET6
+    rules = []
+    if any(p.prefixlen == 0 for p in prefixes if p.version == v):
+        # Like wg-quick for a default route: more specific routes of the main table still win.
+        rules.append(Rule(family, layout.rule_priority + 1, 254, suppress_prefixlength=0, protocol=layout.protocol))
+    rules.append(Rule(family, layout.rule_priority + 2, layout.table, fwmark=layout.bypass_mark,
+                      fwmask=layout.fwmark_mask, invert=True, protocol=layout.protocol))
+    return rules
+
+
+def fail_closed_gate(prefixes: Sequence[ipaddress._BaseNetwork], layout: Layout) -> Wanted:
+    """What stays in the kernel after hatun stops with `when_all_down = "unreachable"` (pure): per
+    steered prefix an `unreachable` stub in the steering table at FAIL_CLOSED_METRIC, and the rules
+    that lead there. Traffic for the prefixes then gets "no route to host" instead of leaving in
+    clear text through the main table, until hatun runs again (and adopts the stubs) or `hatun down`
+    removes them. Tunnels' encrypted packets carry the bypass mark and never see the stubs."""
+    import socket
+
+    af = {4: socket.AF_INET, 6: socket.AF_INET6}
+    families = sorted({p.version for p in prefixes})
+    routes = tuple(_stub(af[p.version], layout, p) for v in families for p in prefixes if p.version == v)
+    rules = tuple(r for v in families for r in _steering_rules(v, prefixes, layout))
+    return Wanted(routes=routes, rules=rules)

@@ -908,7 +908,7 @@ class Supervisor:
         ]
         return render(decision, tunnels, prefixes=r.prefixes, sources=r.source, layout=self.layout, mode=self.mode,
                       resilient=Resilient(r.buckets, r.idle_timer, r.unbalanced_timer), pin_flows=r.pin_flows,
-                      lo_index=self._lo_index)
+                      lo_index=self._lo_index, fail_closed=r.when_all_down == "unreachable")
 
     async def _serve_reconciler(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
         """Make the kernel match the wanted state on every poke, and every FULL_SYNC_INTERVAL anyway."""
@@ -981,9 +981,18 @@ class Supervisor:
     # ------------------------------------------------------------ teardown
 
     async def _teardown(self) -> None:
-        """Remove routes, rules, nexthops, the nftables table, the devices; restore sysctls."""
+        """Remove routes, rules, nexthops, the nftables table, the devices; restore sysctls.
+
+        With `when_all_down = "unreachable"` the fail-closed gate stays (the prefixes' unreachable
+        stubs and the steering rules): the prefixes stay unreachable, never in clear text through
+        the main table, until hatun runs again or `hatun down` (`cleanup`) opens the gate."""
+        from hatun.steering import fail_closed_gate
+
+        r = self.config.routing
+        fail_closed = r.when_all_down == "unreachable"
         try:
-            res = await self.reconciler.remove_all()
+            # Routes go before the devices, the stubs stay throughout: no packet finds a gap.
+            res = await self.reconciler.remove_all(fail_closed_gate(r.prefixes, self.layout) if fail_closed else None)
             for err in res.errors:
                 log.warning("clean-up: %s", err)
         except (NetlinkError, NetlinkTimeout) as e:
@@ -1004,7 +1013,9 @@ class Supervisor:
                 nursery.start_soon(delete, rt)
         self._restore_sysctls()
         self.rundir.remove_state()
-        log.info("removed hatun's routes, rules, nexthops and %d tunnel devices", len(self.runtimes()))
+        log.info("removed hatun's routes, rules, nexthops and %d tunnel devices%s", len(self.runtimes()),
+                 "; the steered prefixes stay unreachable (fail closed) until hatun runs again or `hatun down`"
+                 if fail_closed else "")
 
     # ------------------------------------------------------------ drain and reload
 
@@ -1260,9 +1271,10 @@ GROUP_ID_PROBE = 1002  # nexthop ids base+1002/1003: a short-lived probe for res
 
 
 async def cleanup(config: Config) -> list[str]:
-    """Remove what a hatun with CONFIG left in the kernel (after a crash, or keep_on_exit), whether
-    or not it runs: routes, rules, nexthops, nftables table, source addresses, tunnel devices (their
-    wireguard-go processes exit with them). Returns what was removed."""
+    """Remove what a hatun with CONFIG left in the kernel (after a crash, keep_on_exit, or a stop with
+    `when_all_down = "unreachable"`), whether or not it runs: routes (the fail-closed stubs too: this
+    opens the gate, the prefixes follow the main table again), rules, nexthops, nftables table, source
+    addresses, tunnel devices (their wireguard-go processes exit with them). Returns what was removed."""
     from hatun.steering import Wanted
 
     removed: list[str] = []

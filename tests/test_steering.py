@@ -156,3 +156,83 @@ def test_confirmed_failures_make_a_suspect_first():
     h3.confirm_failures = True
     h3.record(False, 0.1)
     assert h3.record(False, 0.2).new is D
+
+
+# ---------------------------------------------------------------- fail closed (issue 12, item 11)
+
+def _render_case(fail_closed: bool, mode: str, members: tuple[str, ...]):
+    import ipaddress
+
+    from hatun.netlink.rtnl import Resilient
+    from hatun.steering import Decision, RenderTunnel, render
+
+    lay = Layout(table=51820, rule_priority=5200, protocol=147, nexthop_id=518200000, fwmark_mask=0x00FF0000)
+    net = ipaddress.ip_network
+    tunnels = [RenderTunnel(n, slot, 10 + slot, (net(f"198.18.{100 + slot}.0/30"),),
+                            {4: ipaddress.ip_address(f"198.18.{100 + slot}.1"), 6: ipaddress.ip_address(f"2001:2:0:{100 + slot}::1")})
+               for n, slot in (("a", 2), ("b", 3))]
+    decision = Decision(tuple(Member(n, f"hat-{n}", {"a": 2, "b": 3}[n], 1) for n in members), members,
+                        0 if members else None, not members)
+    prefixes = [net("198.19.77.0/24"), net("2001:2:0:77::/64")]
+    wanted = render(decision, tunnels, prefixes=prefixes, sources=[ipaddress.ip_address("198.18.99.1")],
+                    layout=lay, mode=mode, resilient=Resilient(8, 1, 0), pin_flows=True, lo_index=1,
+                    fail_closed=fail_closed)
+    return lay, prefixes, wanted
+
+
+@pytest.mark.parametrize("mode", ["resilient", "multipath"])
+@pytest.mark.parametrize("members", [("a", "b"), ("a",), ()])
+@pytest.mark.parametrize("fail_closed", [False, True])
+def test_render_fail_closed_stub_beside_the_real_route(mode, members, fail_closed):
+    """With when_all_down = "unreachable" every steered prefix (both families) has an unreachable stub
+    in the steering table at a metric above any real route (IPv4 0, IPv6 1024), whatever the members:
+    when the kernel deletes the real route (its devices vanished), the stub ends the lookup. With
+    "keep" there is none, and only an empty member set gives an unreachable route."""
+    import socket
+
+    from hatun.steering import FAIL_CLOSED_METRIC
+
+    lay, prefixes, wanted = _render_case(fail_closed, mode, members)
+    assert FAIL_CLOSED_METRIC > 1024
+    for p in prefixes:
+        here = [r for r in wanted.routes if r.table == lay.table and r.dst == p]
+        stubs = [r for r in here if r.priority == FAIL_CLOSED_METRIC]
+        real = [r for r in here if r.priority is None]
+        assert len(here) == len(stubs) + len(real)
+        if fail_closed:
+            assert [(s.type, s.protocol, s.family) for s in stubs] == [
+                ("unreachable", 147, socket.AF_INET if p.version == 4 else socket.AF_INET6)]
+        else:
+            assert stubs == []
+        if members:
+            assert len(real) == 1 and real[0].type == "unicast"
+            assert (real[0].nh_id is not None) == (mode == "resilient")
+        elif fail_closed:
+            assert real == []  # the stub alone makes the prefix unreachable
+        else:
+            assert [r.type for r in real] == ["unreachable"]
+        # Pinned tables hold real routes only: when theirs is gone, rule 5202 leads to the stub.
+        assert all(r.type == "unicast" for r in wanted.routes if r.table != lay.table and r.dst == p)
+    # The rule to the steering table exists in both families, in both modes.
+    for family in (socket.AF_INET, socket.AF_INET6):
+        assert any(r.priority == 5202 and r.table == lay.table and r.invert for r in wanted.rules if r.family == family)
+
+
+def test_fail_closed_gate_is_what_render_keeps():
+    """The gate kept after a stop: exactly the stubs and the steering rules of render's output, so a
+    restarted hatun adopts it unchanged (the reconciler sees wanted objects) and nothing else stays."""
+    from hatun.steering import FAIL_CLOSED_METRIC, fail_closed_gate
+
+    lay, prefixes, wanted = _render_case(True, "resilient", ("a", "b"))
+    gate = fail_closed_gate(prefixes, lay)
+    assert set(gate.routes) == {r for r in wanted.routes if r.priority == FAIL_CLOSED_METRIC}
+    assert len(gate.routes) == 2
+    assert set(gate.rules) == {r for r in wanted.rules if r.priority in (5201, 5202)}
+    assert {r.priority for r in gate.rules} == {5202}
+    assert gate.nexthops == () and gate.addresses == ()
+    # A default route keeps the suppress rule too: the host's more specific main routes stay usable.
+    import ipaddress
+
+    gate = fail_closed_gate([ipaddress.ip_network("0.0.0.0/0")], lay)
+    assert sorted(r.priority for r in gate.rules) == [5201, 5202]
+    assert [str(r.dst) for r in gate.routes] == ["0.0.0.0/0"]

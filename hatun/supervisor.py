@@ -59,6 +59,7 @@ CONGESTION_RX_BYTES = 256
 CONGESTION_GRACE = 2.0
 COUNTER_TIMEOUT = 0.5  # reading a device's counters; one that does not answer by then gives no evidence
 RELOAD_TIMEOUT = 120.0  # one reload, at most (DNS endpoints, slow backends); it is never cut short by a client
+DEVICE_READ_TIMEOUT = 1.0  # one device's counters for status and metrics (a hung wireguard-go costs this)
 STATUS_DEADLINE = 2.0  # refreshing every tunnel's counters for a status or a scrape, at most
 TASK_BACKOFF_MAX = 10.0  # a failing supervisor task is restarted at least this often
 KICK_INTERVAL = 3.0  # a down tunnel with a silent peer gets a fresh handshake this often
@@ -774,7 +775,7 @@ class Supervisor:
         rt.status_reading = reading = trio.Event()
         try:
             try:
-                status = await self.backend.get(rt.ifname, with_link=False)
+                status = await self.backend.get(rt.ifname, with_link=False, timeout=DEVICE_READ_TIMEOUT)
             except (WireGuardError, OSError) as e:
                 log.debug("%s: %s", rt.name, e)
                 status = None

@@ -244,9 +244,11 @@ def test_frozen_wireguard_go_leaves_the_route_like_a_dead_path(lab_factory, hatu
     hatun = hatun_factory(lab)
     hatun.wait(lambda s: len(members(s)) == 3, 15, "all in route")
     pid = runner_wireguard_pid(lab, 2)
+    stopped = time.monotonic()
     os.kill(pid, signal.SIGSTOP)
     try:
         hatun.wait(lambda s: "gw2" not in members(s), 15, "gw2 out of the route", interval=0.02)
+        print(f"frozen wireguard-go: out of the route {time.monotonic() - stopped:.2f} s after SIGSTOP")
     finally:
         try:
             os.kill(pid, signal.SIGCONT)
@@ -465,26 +467,30 @@ def test_one_way_failure_leaves_service_although_traffic_arrives(lab_factory, ha
 
 @pytest.mark.slow
 def test_saturated_tunnels_stay_in_service(lab_factory, hatun_factory):
-    """iperf3 saturates every tunnel (and both CPUs): probes are lost or late, traffic arrives, and
-    late replies come back: no tunnel leaves service (default health settings)."""
+    """iperf3 saturates one tunnel (the others are drained, so every new flow takes it): its probes
+    are lost or late, traffic arrives, late replies come back: no tunnel leaves service (default
+    health settings). Saturating every tunnel and both CPUs at once is issue 14's target."""
     import shutil
 
     if not shutil.which("iperf3"):
         pytest.skip("iperf3 not installed")
     lab = lab_factory(3)
     hatun = hatun_factory(lab)
-    before = transitions(hatun.wait(lambda s: len(members(s)) == 3, 15, "all in route"))
+    hatun.wait(lambda s: len(members(s)) == 3, 15, "all in route")
+    for name in ("gw2", "gw3"):
+        hatun.control({"command": "drain", "tunnel": name})
+    before = transitions(hatun.wait(lambda s: members(s) == ["gw1"], 10, "gw1 alone"))
     server = subprocess.Popen(["ip", "netns", "exec", lab.lan, "iperf3", "-s", "-1", "-B", topology.SERVICE],
                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         time.sleep(0.5)
-        res = subprocess.run(["ip", "netns", "exec", lab.runner, "iperf3", "-c", topology.SERVICE, "-P", "16",
+        res = subprocess.run(["ip", "netns", "exec", lab.runner, "iperf3", "-c", topology.SERVICE, "-P", "8",
                               "-t", "20", "-J"], capture_output=True, text=True, timeout=60)
         assert res.returncode == 0, res.stderr
     finally:
         server.kill()
         server.wait(timeout=5)
-    status = hatun.wait(lambda s: len(members(s)) == 3, 10, "all in route")
+    status = hatun.wait(lambda s: members(s) == ["gw1"], 10, "gw1 still in route")
     assert transitions(status) == before, hatun.log()[-3000:]
     congested = sum(t["congested"] for t in status["tunnels"])
     print(f"congestion verdicts: {congested}, late replies: {sum(t['late_replies'] for t in status['tunnels'])}")

@@ -16,7 +16,7 @@ class CountingBackend:
     def __init__(self) -> None:
         self.reads = 0
 
-    async def get(self, ifname: str, *, with_link: bool = True) -> DeviceStatus:
+    async def get(self, ifname: str, *, with_link: bool = True, timeout=None) -> DeviceStatus:
         self.reads += 1
         peer = PeerStatus(public_key=None, endpoint=None, keepalive=0, allowed_ips=(),
                           rx_bytes=1000 * self.reads, tx_bytes=500 * self.reads, last_handshake=None)
@@ -59,7 +59,7 @@ class SlowBackend:
     def __init__(self) -> None:
         self.reads: dict[str, int] = {}
 
-    async def get(self, ifname: str, *, with_link: bool = True) -> DeviceStatus:
+    async def get(self, ifname: str, *, with_link: bool = True, timeout=None) -> DeviceStatus:
         self.reads[ifname] = self.reads.get(ifname, 0) + 1
         if ifname == "hat-stuck":
             await trio.sleep_forever()
@@ -88,7 +88,7 @@ class HandshakeBackend:
     def __init__(self) -> None:
         self.handshake: float | None = None
 
-    async def get(self, ifname: str, *, with_link: bool = True) -> DeviceStatus:
+    async def get(self, ifname: str, *, with_link: bool = True, timeout=None) -> DeviceStatus:
         peer = PeerStatus(public_key=None, endpoint=None, keepalive=0, allowed_ips=(), rx_bytes=0, tx_bytes=0,
                           last_handshake=self.handshake)
         return DeviceStatus(ifname=ifname, public_key=None, listen_port=0, fwmark=0, peers=(peer,))

@@ -34,36 +34,41 @@ def _print_json(obj: object) -> None:
 
 
 def cmd_check(args: argparse.Namespace) -> int:
-    from hatun.config import ConfigError, ConfigUnreadable, load_config
+    from hatun.config import ConfigError, ConfigUnreadable, config_warnings, load_config
+    from hatun.logs import safe_text
     from hatun.render import check_summary
 
+    # Whatever came from the config (or its path) is shown redacted and on one line.
+    shown = safe_text(args.config)
     try:
         config, secrets = load_config(args.config, skip_secrets=args.skip_secrets)
     except ConfigUnreadable as e:
         if args.json:
-            _print_json({"file": args.config, "valid": False, "error": str(e)})
+            _print_json({"file": shown, "valid": False, "error": str(e)})
         raise CliError(str(e), EXIT_USAGE) from None
     except ConfigError as e:
         if args.json:
-            _print_json({"file": args.config, "valid": False, "problems": [p.to_dict() for p in e.problems]})
+            _print_json({"file": shown, "valid": False, "problems": [p.to_dict() for p in e.problems]})
         else:
             for p in e.problems:
                 print(str(p))
             n = len(e.problems)
-            print(f"{args.config}: {n} problem{'s' if n != 1 else ''}", file=sys.stderr)
+            print(f"{shown}: {n} problem{'s' if n != 1 else ''}", file=sys.stderr)
         return EXIT_INVALID
+    warnings = [safe_text(w) for w in config_warnings(config)]
     if args.json:
         _print_json({
-            "file": args.config,
+            "file": shown,
             "valid": True,
             "secrets_checked": not args.skip_secrets,
+            "warnings": warnings,
             "prefixes": [str(p) for p in config.routing.prefixes],
             "source": [str(s) for s in config.routing.source],
             "tunnels": [
                 {
                     "name": t.name,
                     "interface": t.ifname,
-                    "endpoint": str(t.endpoint),
+                    "endpoint": safe_text(str(t.endpoint)),
                     "weight": t.weight,
                     "priority": t.priority,
                     "probe": str(t.probe_target),
@@ -73,7 +78,9 @@ def cmd_check(args: argparse.Namespace) -> int:
             ],
         })
     else:
-        print(check_summary(config, secrets, args.config, args.skip_secrets))
+        print(check_summary(config, secrets, shown, args.skip_secrets))
+        for w in warnings:
+            print(f"warning: {w}")
     return EXIT_OK
 
 
@@ -114,16 +121,19 @@ def cmd_pubkey(args: argparse.Namespace) -> int:
 
 
 def cmd_import(args: argparse.Namespace) -> int:
+    from hatun.logs import safe_text
     from hatun.wgquick import ImportProblem, parse_wgquick, render_config, tunnel_name_from_path, write_key_files
 
     tunnels = []
     names: set[str] = set()
     for path in args.files:
         try:
-            with open(path, encoding="utf-8") as f:
+            with open(path, encoding="utf-8", errors="replace") as f:
                 text = f.read(1024 * 1024)
         except OSError as e:
-            raise CliError(f"{path}: {e.strerror}", EXIT_USAGE) from None
+            raise CliError(f"{safe_text(path)}: {e.strerror}", EXIT_USAGE) from None
+        except ValueError:  # a NUL in the path
+            raise CliError(f"{safe_text(path)}: not a valid path", EXIT_USAGE) from None
         name = tunnel_name_from_path(path)
         base, n = name, 2
         while name in names:
@@ -136,10 +146,12 @@ def cmd_import(args: argparse.Namespace) -> int:
     key_dir = args.key_dir or os.path.dirname(os.path.abspath(args.files[0]))
     try:
         key_files = write_key_files(tunnels, key_dir)
-    except (ImportProblem, OSError) as e:
+    except ImportProblem as e:
         raise CliError(str(e), EXIT_USAGE) from None
+    except OSError as e:
+        raise CliError(safe_text(f"{e.filename or key_dir}: {e.strerror}"), EXIT_USAGE) from None
     sys.stdout.write(render_config(tunnels, key_files))
-    print(f"private keys written to {', '.join(key_files.values())} (mode 0600)", file=sys.stderr)
+    print(f"private keys written to {safe_text(', '.join(key_files.values()))} (mode 0600)", file=sys.stderr)
     return EXIT_OK
 
 

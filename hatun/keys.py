@@ -1,7 +1,8 @@
 """WireGuard keys: X25519 private/public keys in WireGuard's base64 form.
 
 A private key lives in a `PrivateKey`, whose repr and str never show its value, so that it cannot
-leak into a log line, an error message or status output by accident.
+leak into a log line, an error message or status output by accident. Text that may hold a key someone
+pasted in the wrong place (config values, paths, names) goes through `redact` before it is shown.
 """
 
 from __future__ import annotations
@@ -16,7 +17,12 @@ from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 from cryptography.hazmat.primitives.serialization import Encoding, NoEncryption, PrivateFormat, PublicFormat
 
 KEY_LEN = 32
-_KEY_SHAPE = re.compile(r"[A-Za-z0-9+/]{42}[AEIMQUYcgkosw048]=")
+REDACTED = "<redacted>"
+# 32 bytes take 43 base64 characters (plus one '=' of padding) or 64 hex digits, which are base64
+# characters too. Any run of 43 or more of them may hold a key: a key with its '=' dropped, a key
+# glued to a path ("/etc/hatun/KEY"), a hex key. Such runs are rare in anything else shown (paths
+# and names have '.', '-', '_'), and redacting one too many is cheaper than showing one key.
+_KEY_RUN = re.compile(r"[A-Za-z0-9+/]{43,}={0,2}")
 
 
 class InvalidKey(ValueError):
@@ -121,12 +127,22 @@ class PrivateKey(_Key):
         raise TypeError("PrivateKey cannot be pickled")
 
 
+def redact(text: str) -> str:
+    """TEXT with everything that may be a WireGuard key (base64 with or without its '=', or hex)
+    replaced by "<redacted>". The one redaction of hatun: problems, errors and log lines use it."""
+    return _KEY_RUN.sub(REDACTED, text)
+
+
+def looks_like_key(text: str) -> bool:
+    """Whether TEXT, without surrounding whitespace, is one key-shaped run."""
+    return _KEY_RUN.fullmatch(text.strip()) is not None
+
+
 def _shown_path(path: str) -> str:
-    """PATH for a message, unless it looks like a key (pasted where a file name belongs)."""
-    text = path.strip()
-    if _KEY_SHAPE.fullmatch(text) or re.fullmatch(r"[0-9a-fA-F]{64}", text):
+    """PATH for a message, without any key pasted where a file name belongs."""
+    if looks_like_key(path):
         return "<redacted: that looks like a key, not a file name>"
-    return path
+    return redact(path)
 
 
 def load_private_key_file(path: str, *, check_mode: bool = True) -> PrivateKey:
@@ -143,6 +159,8 @@ def load_private_key_file(path: str, *, check_mode: bool = True) -> PrivateKey:
         raise InvalidKey(f"key file {shown} does not exist") from None
     except OSError as e:
         raise InvalidKey(f"key file {shown}: {e.strerror}") from None
+    except ValueError:  # a NUL in the path
+        raise InvalidKey(f"key file {shown}: not a valid path") from None
     if not stat.S_ISREG(st.st_mode):
         raise InvalidKey(f"key file {shown} is not a regular file")
     if check_mode and st.st_mode & 0o077:
@@ -164,15 +182,16 @@ def load_private_key_file(path: str, *, check_mode: bool = True) -> PrivateKey:
 def load_private_key_env(name: str, environ: dict[str, str] | None = None) -> PrivateKey:
     """Read a private key from environment variable NAME. Raises InvalidKey (never showing the value)."""
     env = os.environ if environ is None else environ
+    shown = redact(name)
     value = env.get(name)
     if value is None:
-        raise InvalidKey(f"environment variable {name} is not set")
+        raise InvalidKey(f"environment variable {shown} is not set")
     if not value.strip():
-        raise InvalidKey(f"environment variable {name} is empty")
+        raise InvalidKey(f"environment variable {shown} is empty")
     try:
         return PrivateKey.from_base64(value)
     except InvalidKey as e:
-        raise InvalidKey(f"environment variable {name}: {e}") from None
+        raise InvalidKey(f"environment variable {shown}: {e}") from None
 
 
 def write_private_key_file(path: str, key: PrivateKey) -> None:

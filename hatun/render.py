@@ -16,8 +16,10 @@ def table(headers: Sequence[str], rows: Sequence[Sequence[object]], indent: str 
 
 
 def check_summary(config, secrets, source: str, skipped_secrets: bool) -> str:
-    """What `hatun check` prints for a valid config."""
+    """What `hatun check` prints for a valid config. Values that come from the file as text (endpoints,
+    paths) are shown redacted and on one line: a key pasted there is never repeated."""
     from hatun.durations import format_duration
+    from hatun.logs import safe_text
 
     r = config.routing
     lines = [f"{source}: valid"]
@@ -29,14 +31,15 @@ def check_summary(config, secrets, source: str, skipped_secrets: bool) -> str:
         f"  health: probe every {format_duration(h.interval)}, timeout {format_duration(h.timeout)},"
         f" rise {h.rise}, fall {h.fall}"
     )
-    lines.append(f"  backend: {config.backend}; metrics: {config.metrics.listen or 'off'}; control socket: {config.control.socket}")
+    lines.append(f"  backend: {config.backend}; metrics: {config.metrics.listen or 'off'};"
+                 f" control socket: {safe_text(config.control.socket)}")
     rows = []
     for t in config.tunnels:
         if skipped_secrets:
             pub = "(not checked: --skip-secrets)"
         else:
             pub = secrets.keys[t.name].public_key.base64
-        rows.append((t.name, t.ifname, str(t.endpoint), t.weight, t.priority, str(t.probe_target), pub))
+        rows.append((t.name, t.ifname, safe_text(str(t.endpoint)), t.weight, t.priority, str(t.probe_target), pub))
     lines.append(f"  {len(config.tunnels)} tunnel{'s' if len(config.tunnels) != 1 else ''}"
                  " (paste each public key into its gateway's [Peer] PublicKey):")
     lines.append(table(("name", "interface", "endpoint", "weight", "tier", "probe", "public key"), rows, indent="    "))

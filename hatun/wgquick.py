@@ -14,13 +14,21 @@ from dataclasses import dataclass, field
 
 from hatun.config import interface_name_problem, parse_endpoint
 from hatun.keys import InvalidKey, PrivateKey, PublicKey, load_private_key_file, write_private_key_file
+from hatun.logs import safe_text
 
 # Keys wg-quick knows that have no meaning for hatun: dropped with a note in the output.
 _IGNORED_INTERFACE_KEYS = {"dns", "table", "preup", "postup", "predown", "postdown", "saveconfig", "fwmark"}
 
 
 class ImportProblem(ValueError):
-    """A wg-quick file hatun cannot import; the message names the file, line and reason."""
+    """A wg-quick file hatun cannot import; the message names the file, line and reason.
+
+    The message is made safe once, here: whatever part of the file it quotes, a key-shaped value is
+    redacted and control characters are escaped.
+    """
+
+    def __init__(self, message: str) -> None:
+        super().__init__(safe_text(message))
 
 
 @dataclass
@@ -51,7 +59,8 @@ def parse_wgquick(text: str, name: str, source: str = "<input>") -> WgQuickTunne
     iface: dict[str, tuple[int, str]] = {}
     peers: list[dict[str, tuple[int, str]]] = []
     multi = {"address", "allowedips", "dns"}
-    for lineno, line in enumerate(text.splitlines(), 1):
+    # Lines end at '\n' only, as for wg-quick: splitlines() would also break at \x85, \u2028, ...
+    for lineno, line in enumerate(text.split("\n"), 1):
         line = line.split("#", 1)[0].strip()
         if not line:
             continue

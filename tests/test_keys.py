@@ -80,3 +80,19 @@ def test_interoperates_with_wg():
     ours = PrivateKey.generate()
     theirs = subprocess.run(["wg", "pubkey"], input=ours.base64, capture_output=True, text=True, check=True).stdout.strip()
     assert theirs == ours.public_key.base64
+
+
+def test_key_sources_never_show_a_key_given_as_their_name(tmp_path):
+    """A key pasted as a file name or variable name is redacted in every message (43 or 44 characters,
+    hex too); a NUL in a path is an InvalidKey, not a ValueError that escapes."""
+    key = PrivateKey.generate()
+    for shape in (key.base64, key.base64[:43], f" {key.base64[:43]}\n", key.hex):
+        for path in (shape, f"{tmp_path}/{shape.strip()}", f"/etc/hatun/{shape.strip()}"):
+            with pytest.raises(InvalidKey) as info:
+                load_private_key_file(path)
+            assert key.base64[:43] not in str(info.value) and key.hex not in str(info.value)
+        with pytest.raises(InvalidKey) as info:
+            load_private_key_env(shape.strip(), {})
+        assert str(info.value) == "environment variable <redacted> is not set"
+    with pytest.raises(InvalidKey, match="not a valid path"):
+        load_private_key_file("/etc/hatun/a\x00b.key")

@@ -92,3 +92,21 @@ def test_tunnel_names_from_paths():
     assert tunnel_name_from_path("/etc/wireguard/wg0.conf") == "wg0"
     assert tunnel_name_from_path("Office GW.conf") == "office-gw"
     assert tunnel_name_from_path("a-very-long-name-indeed.conf") == "a-very-long"
+
+
+def test_hostile_wgquick_files(tmp_path, capsys):
+    """Not UTF-8, control characters, a key pasted into a value: exit 1 with one clean line, never an
+    internal error, never the key."""
+    cases = [
+        b"\xff\xfe[Interface]\n",
+        f"[Interface]\nPrivateKey = {KEY1.base64}\nAddress = 198.18.1.2/30\x1b[2J\x85forged\n[Peer]\n"
+        f"PublicKey = {PEER1.base64}\nAllowedIPs = 198.19.77.0/24\n".encode(),
+        f"[Interface]\nPrivateKey = {KEY1.base64}\nAddress = {KEY2.base64[:43]}\n[Peer]\nPublicKey = {PEER1.base64}\n"
+        "AllowedIPs = 198.19.77.0/24\n".encode(),
+    ]
+    for data in cases:
+        (tmp_path / "wg0.conf").write_bytes(data)
+        code = main(["import", str(tmp_path / "wg0.conf"), "--key-dir", str(tmp_path / "keys")])
+        out, err = capsys.readouterr()
+        assert code == 1 and out == "" and err.count("\n") == 1 and "\x1b" not in err, err
+        assert KEY1.base64 not in err and KEY2.base64[:43] not in err

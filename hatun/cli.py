@@ -515,7 +515,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.func(args)
     except CliError as e:
-        print(f"hatun: {e}", file=sys.stderr)
+        from hatun.keys import redact
+
+        print(f"hatun: {redact(str(e))}", file=sys.stderr)
         return e.code
     except KeyboardInterrupt:
         return 130
@@ -527,5 +529,8 @@ def main(argv: list[str] | None = None) -> int:
         leaf = e
         while isinstance(leaf, BaseExceptionGroup) and len(leaf.exceptions) == 1:
             leaf = leaf.exceptions[0]
-        print(f"hatun: internal error: {type(leaf).__name__}: {leaf} (set HATUN_DEBUG=1 for details)", file=sys.stderr)
+        from hatun.keys import redact
+
+        print(f"hatun: internal error: {type(leaf).__name__}: {redact(str(leaf))} (set HATUN_DEBUG=1 for details)",
+              file=sys.stderr)
         return EXIT_INTERNAL

@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import ipaddress
 import logging
 import signal
 
 import trio
 
 from hatun import __version__
-from hatun.config import Config, Secrets
+from hatun.config import Config, Secrets, config_warnings
 from hatun.supervisor import Supervisor
 
 log = logging.getLogger("hatun")
@@ -28,20 +27,6 @@ async def _serve_signals(sup: Supervisor, *, task_status=trio.TASK_STATUS_IGNORE
                 sup.stop()
 
 
-def _warn_exposed_metrics(config: Config) -> None:
-    address = config.metrics.address
-    if address is None or address[0] == "localhost":
-        return
-    try:
-        loopback = ipaddress.ip_address(address[0]).is_loopback
-    except ValueError:
-        return
-    if not loopback:
-        log.warning("metrics listen on %s, which is not a loopback address: anyone who can reach it reads"
-                    " tunnel names, endpoints and traffic figures (firewall it, or listen on 127.0.0.1)",
-                    config.metrics.listen)
-
-
 async def run(config: Config, secrets: Secrets, config_path: str | None) -> None:
     """Run hatun until SIGTERM/SIGINT (or a `stop` through the control socket)."""
     from hatun.control import prepare_path, serve_control
@@ -56,7 +41,8 @@ async def run(config: Config, secrets: Secrets, config_path: str | None) -> None
             listeners = await open_metrics_listeners(config)
         except OSError as e:
             raise SupervisorError(f"metrics: cannot listen on {config.metrics.listen}: {e.strerror or e}") from None
-    _warn_exposed_metrics(config)
+    for warning in config_warnings(config):
+        log.warning("%s", warning)
     sup = Supervisor(config, secrets, config_path)
     async with trio.open_nursery() as servers:
         await servers.start(_serve_signals, sup)

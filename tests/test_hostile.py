@@ -361,7 +361,12 @@ def test_refuses_devices_tables_addresses_and_paths_it_does_not_own(lab_factory)
     with open(config, "w") as f:
         f.write(text)
     res = hatun_cli(ns, "run", config, timeout=60)
-    assert res.returncode == 1 and "exists and is a file, not a socket" in res.stderr, res.stderr
+    assert res.returncode == 1 and "exists and is a regular file, not a socket" in res.stderr, res.stderr
+    with open(path) as f:
+        assert f.read() == "precious\n"
+    # The same at run time (the file appeared after the config was checked): refused, not removed.
+    with pytest.raises(control.ControlError, match="exists and is a file, not a socket"):
+        control.prepare_path(path)
     with open(path) as f:
         assert f.read() == "precious\n"
     # Nothing of hatun's was left by the refused starts.

@@ -334,8 +334,8 @@ def host_problems(raw: dict[str, Any]) -> list[Problem]:
             else "a symbolic link" if stat.S_ISLNK(st.st_mode) else "not a socket")
     return [Problem(
         "control.socket",
-        f"{path} exists and is {kind}, not a socket: hatun would take it for the socket of a hatun that"
-        " died and remove it when it starts; choose another path",
+        f"{path} exists and is {kind}, not a socket: hatun needs that path for its socket and never"
+        " removes what is there; choose another path",
     )]
 
 

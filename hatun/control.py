@@ -15,6 +15,7 @@ import stat
 
 import trio
 
+from hatun.keys import redact
 from hatun.serving import serve_bounded
 
 log = logging.getLogger("hatun.control")
@@ -120,7 +121,7 @@ async def _dispatch(sup, req: dict) -> dict:
         command = req.get("command")
         log.error("control request %.40r failed: %s: %s", command if isinstance(command, str) else type(command).__name__,
                   type(e).__name__, e, exc_info=log.isEnabledFor(logging.DEBUG))
-        return {"ok": False, "error": f"internal error: {type(e).__name__}: {e}"}
+        return {"ok": False, "error": redact(f"internal error: {type(e).__name__}: {e}")}
 
 
 async def _command(sup, req: dict) -> dict:

@@ -63,7 +63,13 @@ RECHECK_FLOOR = 0.02  # ... but never sooner than this (seconds)
 MIN_GAP = 0.005  # never wakes sooner than this after the previous wakeup
 MAX_SLEEP = 1.0  # it looks again at least this often
 SO_TIMESTAMPNS = 35
-PAYLOAD = b"hatun-probe\0"  # an even length: its checksum words are summed once
+SO_RCVBUFFORCE = 33
+ICMP_RCVBUF = 4 << 20
+PAYLOAD_MARK = b"hatun-probe\0"
+# The marker plus 8 random bytes of this process: the kernel filter lets through only replies that
+# carry them, so a forged flood of "hatun" replies (the marker is public) cannot fill the socket's
+# buffer and starve the real ones. An even length: its checksum words are summed once.
+PAYLOAD = PAYLOAD_MARK + os.urandom(8)
 PAYLOAD_SUM = sum(struct.unpack(f"!{len(PAYLOAD) // 2}H", PAYLOAD))
 _ECHO = struct.Struct("!BBHHH")
 RECEIVE_BATCH = 1024  # replies read per wakeup at most: a flood waits for the next wakeup, never blocks the rest
@@ -338,6 +344,11 @@ class _IcmpSocket:
                 sock.setsockopt(socket.IPPROTO_IP, IP_PKTINFO, 1)
             # The kernel's receive time of each reply: RTTs are exact however late we read them.
             sock.setsockopt(socket.SOL_SOCKET, SO_TIMESTAMPNS, 1)
+            # Room for the replies of many tunnels between two reads (forced past rmem_max as root).
+            try:
+                sock.setsockopt(socket.SOL_SOCKET, SO_RCVBUFFORCE, ICMP_RCVBUF)
+            except OSError:
+                pass
         except BaseException:
             sock.close()
             raise

@@ -30,6 +30,7 @@ import trio
 from hatun import __version__, sysctl
 from hatun.config import Config, ConfigError, ConfigUnreadable, Secrets, Tunnel, default_peer_address, load_config
 from hatun.health import State, Suspect, Transition, TunnelHealth, display_state
+from hatun.keys import redact
 from hatun.netlink.core import EventsOverflow, NetlinkError, NetlinkTimeout
 from hatun.netlink.rtnl import EventFilter, Link, Nexthop, Resilient, Route, Rtnl, Rule, open_rtnl, open_rtnl_events
 from hatun.pinning import Pinning, PinningError
@@ -249,6 +250,8 @@ class Supervisor:
                 await self.stop_requested.wait()
                 log.info("stopping%s", "" if self.cleanup_on_stop else " (keep_on_exit: tunnels and routes stay)")
                 nursery.cancel_scope.cancel()
+            # Closed: from now on nothing may start tasks in it (a SIGHUP during the teardown).
+            self._nursery = self._tunnel_nursery = None
             if self.cleanup_on_stop:
                 with trio.CancelScope(shield=True), trio.move_on_after(TEARDOWN_GRACE) as grace:
                     await self._teardown()
@@ -300,38 +303,43 @@ class Supervisor:
                 self._errors.log(logging.ERROR, name, "%s failed: %s: %s", name, type(e).__name__, e,
                                  exc_info=log.isEnabledFor(logging.DEBUG))
 
-        if self._nursery is not None:
+        if self._nursery is not None and not self.stop_requested.is_set():
             self._nursery.start_soon(guarded, name=name)
 
     async def _check_ownership(self, links: list[Link]) -> None:
-        """Refuse to start where the config names what belongs to someone else: a device of another
-        kind under a tunnel's interface name (hatun would configure it, and delete it at stop), or a
-        source address the host already has (hatun would remove it at stop)."""
+        """Refuse to start where the config names what belongs to someone else. Raises SupervisorError."""
+        problems = await self._ownership_problems(self.config, links, set(), set(self._state.sources))
+        if problems:
+            raise SupervisorError("; ".join(problems))
+
+    async def _ownership_problems(self, config: Config, links: list[Link], our_ifnames: set[str],
+                                  our_sources: set[str]) -> list[str]:
+        """What CONFIG names that belongs to someone else: a device of another kind under a tunnel's
+        interface name (hatun would configure it, and delete it at stop), or a source address the host
+        already has (hatun would remove it at stop). OUR_IFNAMES, OUR_SOURCES: already hatun's."""
         problems = []
         want = "wireguard" if self.backend_name == "kernel" else "tun"
         by_name = {l.name: l for l in links}
-        for t in self.config.tunnels:
+        for t in config.tunnels:
             link = by_name.get(t.ifname)
-            if link is not None and link.kind != want:
+            if link is not None and link.kind != want and t.ifname not in our_ifnames:
                 problems.append(
                     f"tunnel {t.name}: interface {t.ifname} already exists as a {link.kind or 'network'} device,"
                     f" not a {'kernel WireGuard' if want == 'wireguard' else 'wireguard-go (tun)'} device of"
                     f" hatun's: set `interface` to a free name, or remove that device")
-        previous = set(self._state.sources)
         names = {l.index: l.name for l in links}
         for addr in await self.rtnl.addresses():
             ip = addr.interface.ip
-            if ip not in self.config.routing.source:
+            if ip not in config.routing.source:
                 continue
             if addr.index != self._lo_index:
                 problems.append(f"routing.source {ip} is already an address of {names.get(addr.index, addr.index)}:"
                                 " give hatun an address of its own (it adds it to lo and removes it at stop)")
-            elif str(ip) not in previous:
+            elif str(ip) not in our_sources:
                 problems.append(f"routing.source {ip} is already on lo, and hatun did not put it there (no record"
                                 f" in {self.rundir.state_path}): give hatun an address of its own, or remove it"
                                 f" (`ip address del {addr.interface} dev lo`) if a crashed hatun left it")
-        if problems:
-            raise SupervisorError("; ".join(problems))
+        return problems
 
     def _open_backend(self):
         if self.backend_name == "kernel":
@@ -777,9 +785,11 @@ class Supervisor:
             try:
                 status = await self.backend.get(rt.ifname, with_link=False, timeout=DEVICE_READ_TIMEOUT)
             except (WireGuardError, OSError) as e:
+                # A read that failed (a busy or hung device, EMFILE) says nothing about the
+                # handshake: what was last read stays, and its age keeps counting.
                 log.debug("%s: %s", rt.name, e)
-                status = None
-            self._note_status(rt, status)
+            else:
+                self._note_status(rt, status)
         finally:
             rt.status_reading = None
             reading.set()
@@ -1040,6 +1050,8 @@ class Supervisor:
         result = _ReloadResult()
         if self.config_path is None:
             result.finish(False, "no config file to reload")
+        elif self.stop_requested.is_set():
+            result.finish(False, "hatun is stopping: no reload")
         elif self._nursery is None:
             result.finish(False, "hatun is still starting: reload again in a moment")
         else:
@@ -1094,7 +1106,19 @@ class Supervisor:
                                        {n: rt.slot for n, rt in self.tunnels.items()}, self.layout.max_slot, reserved)
             except ValueError as e:
                 return self._reload_done(False, f"reload refused: {e} (or wait until removed tunnels are torn down)")
-            return self._reload_done(True, await self._apply_config(new, secrets, slots))
+            # What the new config names must not be someone else's (as at start).
+            try:
+                problems = await self._ownership_problems(
+                    new, await self.rtnl.links(), {rt.ifname for rt in self.runtimes()},
+                    set(self._state.sources) | {str(a) for a in self.config.routing.source})
+            except (NetlinkError, NetlinkTimeout) as e:
+                return self._reload_done(False, f"reload refused: cannot read the host's devices: {e}")
+            if problems:
+                return self._reload_done(False, "reload refused, still running the previous config: "
+                                                + "; ".join(problems))
+            # Once it changes anything, a reload runs to its end (each step is bounded): never half applied.
+            with trio.CancelScope(shield=True):
+                return self._reload_done(True, await self._apply_config(new, secrets, slots))
 
     async def _apply_config(self, new: Config, secrets: Secrets, slots: dict[str, int]) -> str:
         """Move to NEW: remove (drain), revive, update and add tunnels. Returns a summary."""
@@ -1133,14 +1157,22 @@ class Supervisor:
                 summary.append(f"~{t.name}")
                 updates.append((rt, t))
         # Concurrently: each may resolve a DNS name or wait for a slow device.
+        async def update(rt: TunnelRuntime, t: Tunnel) -> None:
+            try:
+                await self._update_tunnel(rt, t)
+            except Exception as e:  # noqa: BLE001 - one tunnel's trouble must not cut the others' updates short
+                rt.last_error = f"{type(e).__name__}: {e}"
+                log.error("%s: the new settings could not be applied: %s", rt.name, rt.last_error)
+
         async with trio.open_nursery() as nursery:
             for rt, t in updates:
-                nursery.start_soon(self._update_tunnel, rt, t)
+                nursery.start_soon(update, rt, t)
         self._save_state()
         self.poke()
         return "reloaded" + (f": {' '.join(summary)}" if summary else ": nothing changed")
 
     def _reload_done(self, ok: bool, message: str) -> tuple[bool, str]:
+        message = redact(message)  # it goes to clients and status: no key-shaped text, whatever failed
         self.reloads["success" if ok else "failure"] += 1
         self.last_reload_ok = ok
         self.last_reload_message = message
@@ -1236,7 +1268,8 @@ class Supervisor:
                 "endpoint_configured": str(rt.cfg.endpoint), "endpoint_error": rt.endpoint_error,
                 "probe": str(rt.cfg.probe_target), "last_failure": rt.health.last_failure,
                 "probes_ok": rt.health.probes_ok, "probes_failed": rt.health.probes_failed,
-                "present": rt.present, "last_error": rt.last_error, "restarts": rt.restarts,
+                "present": rt.present, "last_error": redact(rt.last_error) if rt.last_error else None,
+                "restarts": rt.restarts,
                 "congested": rt.congested, "late_replies": rt.late_replies,
                 "transitions": dict(rt.transitions),
             })
@@ -1281,7 +1314,12 @@ async def cleanup(config: Config) -> list[str]:
     removed: list[str] = []
     layout = Layout.from_routing(config.routing)
     rundir = RunDir(config.run_dir)
-    state = rundir.load_state()
+    try:
+        rundir.check()
+        state = rundir.load_state()
+    except RunDirError as e:
+        log.warning("%s: not trusting its state file (no sysctl restored, no source address removed)", e)
+        state = RunState()
     async with open_rtnl() as rtnl:
         links = await rtnl.links()
         lo = next((l.index for l in links if l.name == "lo"), 1)
@@ -1314,8 +1352,11 @@ async def cleanup(config: Config) -> list[str]:
         sock = f"/run/wireguard/{t.ifname}.sock"
         try:
             s = socket.socket(socket.AF_UNIX)
-            s.connect(sock)
-            s.close()
+            s.settimeout(1.0)  # a hung wireguard-go with a full backlog must not block this
+            try:
+                s.connect(sock)
+            finally:
+                s.close()
         except ConnectionRefusedError:
             os.unlink(sock)
         except OSError:

@@ -273,6 +273,7 @@ async def test_reload_is_not_cancelled_by_a_client_that_gives_up(autojump_clock)
             self.config_path = "/nonexistent"
             self._reload_lock = trio.Lock()
             self._reload_running = None
+            self.stop_requested = trio.Event()
 
         async def _reload(self, result):
             async with self._reload_lock:
@@ -499,3 +500,23 @@ def test_saturated_tunnels_stay_in_service(lab_factory, hatun_factory):
     assert transitions(status) == before, hatun.log()[-3000:]
     congested = sum(t["congested"] for t in status["tunnels"])
     print(f"congestion verdicts: {congested}, late replies: {sum(t['late_replies'] for t in status['tunnels'])}")
+
+
+def test_reload_refuses_what_is_not_hatuns(lab_factory, hatun_factory):
+    """A reload that renames a tunnel's interface to an existing bridge, or adds a source address the
+    host has, is refused like a start; the bridge and the address outlive hatun's stop."""
+    lab = lab_factory(2)
+    hatun = hatun_factory(lab)
+    hatun.wait(lambda s: len(members(s)) == 2, 15, "both in route")
+    ns, bridge = lab.runner, f"hl{lab.name}br"
+    ns_output(ns, "ip", "link", "add", bridge, "type", "bridge")
+    edit_config(lab, tunnels={"gw2": {"interface": f'"{bridge}"'}})
+    reply = hatun.control({"command": "reload"})
+    assert reply["ok"] is False and f"interface {bridge} already exists as a bridge device" in reply["error"], reply
+    ns_output(ns, "ip", "address", "add", "198.18.98.1/32", "dev", "lo")
+    edit_config(lab, routing={"source": '["198.18.98.1"]'})
+    reply = hatun.control({"command": "reload"})
+    assert reply["ok"] is False and "198.18.98.1 is already on lo" in reply["error"], reply
+    assert hatun.stop() == 0
+    assert bridge in ns_output(ns, "ip", "-o", "link")
+    assert "198.18.98.1/32" in ns_output(ns, "ip", "-o", "address", "show", "dev", "lo")

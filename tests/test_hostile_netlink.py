@@ -25,7 +25,7 @@ from pyroute2.netlink.rtnl import RTNLGRP_IPV4_ROUTE
 
 from hatun.netlink import EventFilter, EventsOverflow, Route, open_netlink, open_rtnl, open_rtnl_events
 from hatun.netns import run_in_netns
-from hatun.probes import PAYLOAD, _IcmpSocket, echo_reply_filter
+from hatun.probes import PAYLOAD, PAYLOAD_MARK, _IcmpSocket, echo_reply_filter
 from tests.labutil import edit_config, ns_output
 from tests.nsutil import ip, ns_exec
 
@@ -66,7 +66,7 @@ class ProbeWatcher:
             if address[2] != PACKET_OUTGOING or not data or data[0] >> 4 != 4 or data[9] != socket.IPPROTO_ICMP:
                 continue
             icmp = data[(data[0] & 0x0F) * 4:]
-            if icmp[:1] != b"\x08" or icmp[8:8 + len(PAYLOAD)] != PAYLOAD:
+            if icmp[:1] != b"\x08" or icmp[8:8 + len(PAYLOAD_MARK)] != PAYLOAD_MARK:
                 continue
             for level, ctype, cdata in anc:
                 if level == socket.SOL_SOCKET and ctype == SO_TIMESTAMPNS:

@@ -343,7 +343,16 @@ class UserspaceBackend:
             # Only processes that run wireguard-go for IFNAME in our namespace: the socket directory
             # is global, and a PID may have been reused since we saw it.
             pids = {pid for pid in (dev.pid, serving) if pid and self._is_ours(pid, ifname)}
-            await link.delete_link(self._rtnl, ifname)
+            # Only a TUN device: a bridge or a NIC of that name is never ours to delete.
+            try:
+                present = await self._rtnl.link(ifname)
+            except link.NETLINK_FAILURES as e:
+                raise WireGuardError(f"{ifname}: cannot read the device: {link.describe(e)}") from None
+            if present is not None and present.kind != "tun":
+                log.warning("%s: not deleting it: it is a %s device, not wireguard-go's", ifname,
+                            present.kind or "network")
+            else:
+                await link.delete_link(self._rtnl, ifname)
             for pid in pids:
                 await self._stop(pid, ifname, dev.process if dev.process and dev.process.pid == pid else None)
             paths = [self._log_path(ifname)]

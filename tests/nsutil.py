@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import secrets
 import shutil
+import signal
 import subprocess
 
 RUN_ID = secrets.token_hex(3)
@@ -40,6 +41,28 @@ def ns_exec(netns: str, *cmd: str, check: bool = True, timeout: float = 30, **kw
 def ns_pids(netns: str) -> list[int]:
     res = ip("netns", "pids", netns, check=False)
     return [int(p) for p in res.stdout.split()]
+
+
+def freeze(pid: int, timeout: float = 10.0) -> None:
+    """SIGSTOP PID and return once every thread of it is stopped. kill() returns before the stop
+    takes effect: a thread that is running on the other core can still answer a request for a while
+    (seen in CI: a "frozen" wireguard-go answered a UAPI get)."""
+    import time
+
+    os.kill(pid, signal.SIGSTOP)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            states = []
+            for tid in os.listdir(f"/proc/{pid}/task"):
+                with open(f"/proc/{pid}/task/{tid}/stat") as f:
+                    states.append(f.read().rsplit(")", 1)[1].split()[0])
+        except (FileNotFoundError, ProcessLookupError):
+            return  # gone: nothing left that could answer
+        if states and all(s in ("T", "t", "Z", "X") for s in states):
+            return
+        time.sleep(0.005)
+    raise RuntimeError(f"pid {pid} did not stop within {timeout} s of SIGSTOP")
 
 
 def kill_ns_processes(netns: str, grace: float = 3.0) -> None:

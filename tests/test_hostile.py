@@ -23,6 +23,7 @@ import trio
 from hatun import control
 from hatun.lab import topology
 from hatun.netns import run_in_netns
+from tests.nsutil import freeze
 from tests.labutil import NsTcpProxy, edit_config, hatun_cli, ns_output
 
 pytestmark = pytest.mark.netns
@@ -245,7 +246,7 @@ def test_frozen_wireguard_go_leaves_the_route_like_a_dead_path(lab_factory, hatu
     hatun.wait(lambda s: len(members(s)) == 3, 15, "all in route")
     pid = runner_wireguard_pid(lab, 2)
     stopped = time.monotonic()
-    os.kill(pid, signal.SIGSTOP)
+    freeze(pid)
     try:
         hatun.wait(lambda s: "gw2" not in members(s), 15, "gw2 out of the route", interval=0.02)
         stopped_wall = time.time() - (time.monotonic() - stopped)

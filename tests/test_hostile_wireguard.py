@@ -22,6 +22,7 @@ from hatun.pinning import Pinning
 from hatun.wireguard import uapi
 from hatun.wireguard.model import WireGuardError
 from hatun.wireguard.userspace import _wait_exit
+from tests.nsutil import freeze
 from tests.test_userspace_backend import Pair, alive, backend, wait_for, wireguard_go_pids
 
 KEY = PrivateKey.generate()
@@ -62,7 +63,7 @@ def test_sigstopped_wireguard_go_is_replaced_and_the_tunnel_comes_back(lab_facto
     assert old in wireguard_go_pids(ifname)
     assert os.stat(f"/proc/{old}/ns/net").st_ino == os.stat(f"/run/netns/{lab.runner}").st_ino
     t0 = time.monotonic()
-    os.kill(old, signal.SIGSTOP)
+    freeze(old)
     try:
         def back(s) -> bool:
             gw1 = next(t for t in s["tunnels"] if t["name"] == "gw1")

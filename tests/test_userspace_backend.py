@@ -22,7 +22,7 @@ from hatun.keys import PrivateKey
 from hatun.wireguard import uapi
 from hatun.wireguard.model import DeviceSettings, PeerSettings, WireGuardError
 from hatun.wireguard.userspace import open_userspace_backend
-from tests.nsutil import RUN_ID, ip
+from tests.nsutil import RUN_ID, freeze, ip
 
 pytestmark = [pytest.mark.netns]
 PORT_A, PORT_B = 51820, 51821
@@ -287,7 +287,7 @@ async def _true_if(value: bool) -> bool:
 def stop_and_later_kill(pid: int, ifname: str):
     """SIGSTOP PID (a wireguard-go for IFNAME) and return a cleanup that SIGKILLs it if it is still
     that process (the test's own doing: a stopped process must not outlive a failed test)."""
-    os.kill(pid, signal.SIGSTOP)
+    freeze(pid)
 
     def cleanup() -> None:
         if alive(pid) and pid in wireguard_go_pids(ifname):

@@ -3,13 +3,12 @@ stands in for the device reads; the real reads are covered by the lab tests)."""
 
 from __future__ import annotations
 
-from types import SimpleNamespace
-
 import trio
 
 from hatun.control import STATUS_MAX_AGE
-from hatun.supervisor import Supervisor
+from hatun.tunnel import refresh_statuses
 from hatun.wireguard.model import DeviceStatus, PeerStatus
+from tests.fakes import make_runner
 
 
 class CountingBackend:
@@ -23,34 +22,22 @@ class CountingBackend:
         return DeviceStatus(ifname=ifname, public_key=None, listen_port=0, fwmark=0, peers=(peer,))
 
 
-def _runtime(name: str = "gw1") -> SimpleNamespace:
-    return SimpleNamespace(name=name, ifname=f"hat-{name}", status=None, status_at=None, rate_sample=None,
-                           rx_rate=0.0, tx_rate=0.0, status_reading=None, hs_wall=None, hs_at=None)
-
-
-def _supervisor(backend, runtimes=()) -> SimpleNamespace:
-    sup = SimpleNamespace(backend=backend, runtimes=lambda: list(runtimes))
-    sup._note_status = lambda rt, status: Supervisor._note_status(sup, rt, status)
-    sup.read_status = lambda rt, max_age=0.0: Supervisor.read_status(sup, rt, max_age)
-    return sup
-
-
 async def test_status_polls_within_max_age_reuse_the_last_read(autojump_clock):
-    sup = _supervisor(CountingBackend())
-    rt = _runtime()
+    backend = CountingBackend()
+    rt = make_runner(backend=backend)
     for _ in range(50):  # 50 polls, 10 ms apart: 0.5 s
-        await Supervisor.read_status(sup, rt, max_age=STATUS_MAX_AGE)
+        await rt.read_status(max_age=STATUS_MAX_AGE)
         await trio.sleep(0.01)
-    assert 2 <= sup.backend.reads <= 0.5 / STATUS_MAX_AGE + 1
-    assert rt.status.peer.rx_bytes == 1000 * sup.backend.reads
+    assert 2 <= backend.reads <= 0.5 / STATUS_MAX_AGE + 1
+    assert rt.status.peer.rx_bytes == 1000 * backend.reads
 
 
 async def test_without_max_age_every_call_reads_the_device(autojump_clock):
-    sup = _supervisor(CountingBackend())
-    rt = _runtime()
+    backend = CountingBackend()
+    rt = make_runner(backend=backend)
     for _ in range(5):
-        await Supervisor.read_status(sup, rt)
-    assert sup.backend.reads == 5
+        await rt.read_status()
+    assert backend.reads == 5
 
 
 class SlowBackend:
@@ -69,18 +56,17 @@ class SlowBackend:
 async def test_refresh_reads_all_devices_at_once_under_one_deadline(autojump_clock):
     """A scrape or status with a hung device costs the deadline once, not a timeout per tunnel, and
     concurrent refreshes share one read per device (issue 12, item 2)."""
-    runtimes = [_runtime(n) for n in ("a", "b", "stuck", "c")]
     backend = SlowBackend()
-    sup = _supervisor(backend, runtimes)
+    runtimes = [make_runner(n, backend) for n in ("a", "b", "stuck", "c")]
     start = trio.current_time()
     async with trio.open_nursery() as nursery:  # two scrapes at once
         for _ in range(2):
-            nursery.start_soon(Supervisor.refresh_statuses, sup, 1.0, 2.0)
+            nursery.start_soon(refresh_statuses, runtimes, 1.0, 2.0)
     assert trio.current_time() - start == 2.0  # the autojump clock: exact
     assert all(rt.status is not None for rt in runtimes if rt.name != "stuck")
     assert backend.reads == {"hat-a": 1, "hat-b": 1, "hat-stuck": 1, "hat-c": 1}
-    assert runtimes[2].status_reading is None  # the cancelled read left nothing behind
-    await Supervisor.refresh_statuses(sup, 5.0, 2.0)  # reads younger than max_age (5 s here): reused
+    assert not runtimes[2].reading_status  # the cancelled read left nothing behind
+    await refresh_statuses(runtimes, 5.0, 2.0)  # reads younger than max_age (5 s here): reused
     assert backend.reads["hat-a"] == 1
 
 
@@ -97,28 +83,27 @@ class HandshakeBackend:
 async def test_handshake_age_ignores_wall_clock_steps(autojump_clock, monkeypatch):
     """A forward step of the wall clock by minutes does not age a handshake (issue 12, item 9): the
     age runs on the monotonic clock from when the handshake was seen."""
-    import hatun.supervisor as supervisor
+    import hatun.tunnel as tunnel
 
     wall = [1_800_000_000.0]
-    monkeypatch.setattr(supervisor.time, "time", lambda: wall[0] + trio.current_time())
+    monkeypatch.setattr(tunnel.time, "time", lambda: wall[0] + trio.current_time())
     backend = HandshakeBackend()
-    sup = _supervisor(backend)
-    rt = _runtime()
-    age = lambda: Supervisor._handshake_age(sup, rt)  # noqa: E731
+    rt = make_runner(backend=backend)
+    age = rt.handshake_age
     backend.handshake = wall[0] + trio.current_time() - 5.0  # 5 s ago
-    await Supervisor.read_status(sup, rt)
+    await rt.read_status()
     assert age() == 5.0
     await trio.sleep(10)
     wall[0] += 600  # the clock steps 10 minutes forward
-    await Supervisor.read_status(sup, rt)
+    await rt.read_status()
     assert age() == 15.0  # unchanged handshake: aged by the monotonic clock only
     backend.handshake = wall[0] + trio.current_time() - 1.0  # a new handshake, seen after the step
     await trio.sleep(3)
     wall[0] += 900  # and a step between it and our read: bounded by our previous read (3 s ago)
-    await Supervisor.read_status(sup, rt)
+    await rt.read_status()
     assert age() == 3.0
     wall[0] -= 3600  # backwards: a handshake "in the future" has age 0, never negative
     backend.handshake = wall[0] + trio.current_time() + 100
     await trio.sleep(1)
-    await Supervisor.read_status(sup, rt)
+    await rt.read_status()
     assert age() == 0.0

@@ -1,0 +1,619 @@
+"""One tunnel at run time: its device, endpoint, probes, congestion guard, session kicks and counters.
+
+A `TunnelRunner` owns everything that belongs to one tunnel, in one nursery of its own:
+
+    serve ── (restarted with backoff when it fails) ─┬─ device   re-apply when it vanishes or goes down
+                                                     ├─ probes   pinned to the device
+                                                     ├─ resolver DNS endpoints
+                                                     ├─ kicks    a fresh handshake while down and silent
+                                                     └─ congestion checks (short tasks)
+
+It reports upward only through the `TunnelEnv.poke` callback ("look again"): the supervisor reads
+its verdict (`health`, `drained`, `present`...) when it decides the route. Cancelling the runner
+(`stop`) ends every task of this tunnel and nothing else.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import logging
+import socket
+import time
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import trio
+
+from hatun import sysctl
+from hatun.config import Config, Tunnel
+from hatun.health import State, Suspect, Transition, TunnelHealth, display_state
+from hatun.netlink.core import NetlinkError, NetlinkTimeout
+from hatun.netlink.rtnl import Link, Rtnl
+from hatun.probes import ProbeEngine, ProbeStream
+from hatun.serving import RateLimitedLog
+from hatun.wireguard.model import DeviceSettings, DeviceStatus, PeerSettings, WireGuardError
+
+log = logging.getLogger("hatun")
+
+MAX_BACKOFF = 10.0  # a failing tunnel is retried at least this often
+RESOLVE_RETRY = 10.0  # a DNS endpoint of a down tunnel is resolved again this often
+KICK_INTERVAL = 3.0  # a down tunnel with a silent peer gets a fresh handshake this often
+# The congestion guard (see `_confirm_down`): a tunnel whose probes fail while more than this
+# arrives through it may be congested rather than dead; it stays in service for CONGESTION_GRACE
+# seconds waiting for any probe reply (on time or late) that proves the way out works too.
+# The counter is the device's own (decrypted packets delivered to the host: WireGuard keepalives are
+# not counted), and the window between the first failure and the verdict may be only tens of ms,
+# so a few hundred bytes already mean traffic.
+CONGESTION_RX_BYTES = 256
+CONGESTION_GRACE = 2.0
+COUNTER_TIMEOUT = 0.5  # reading a device's counters; one that does not answer by then gives no evidence
+DEVICE_READ_TIMEOUT = 1.0  # one device's counters for status and metrics (a hung wireguard-go costs this)
+IDLE_FOR = 2.0  # a removed tunnel counts as idle after this long without user traffic
+
+
+@dataclass
+class TunnelEnv:
+    """What a tunnel runner uses of the supervisor that owns it."""
+
+    backend: object  # a WireGuard backend (wireguard.kernel / wireguard.userspace)
+    backend_name: str
+    rtnl: Rtnl
+    probes: ProbeEngine
+    bypass_mark: int  # the fwmark of the device's own (encrypted) packets
+    poke: Callable[[], None]  # something changed: the reconciler should look again
+    repairs: Counter  # by kind of object repaired ("link")
+    errors: RateLimitedLog
+
+
+def device_settings(config: Config, t: Tunnel, key, endpoint: tuple[str, int] | None, fwmark: int) -> DeviceSettings:
+    """The WireGuard device of tunnel T (pure). Allowed IPs: the steered prefixes, the tunnel subnet,
+    the probe target and the tunnel's extra networks (each covering network only once)."""
+    allowed = set(config.routing.prefixes) | set(t.allowed_ips) | {a.network for a in t.address}
+    probe = t.probe_target
+    allowed.add(ipaddress.ip_network(f"{probe.host}/{probe.host.max_prefixlen}"))
+    allowed = {n for n in allowed if not any(o != n and o.version == n.version and n.subnet_of(o) for o in allowed)}
+    peer = PeerSettings(t.peer_key, endpoint, t.keepalive or 0,
+                        tuple(sorted(allowed, key=lambda n: (n.version, n.network_address, n.prefixlen))))
+    return DeviceSettings(t.ifname, key, peer, fwmark=fwmark, listen_port=t.listen_port,
+                          addresses=tuple(t.address), mtu=t.mtu)
+
+
+class TunnelRunner:
+    """One tunnel of the running config (or one draining after a reload removed it)."""
+
+    def __init__(self, env: TunnelEnv, config: Config, cfg: Tunnel, key, slot: int, now: float) -> None:
+        self.env = env
+        self.config = config
+        self.cfg = cfg
+        self.key = key  # PrivateKey
+        self.slot = slot
+        h = config.health_for(cfg)
+        self.health = TunnelHealth(cfg.name, h.rise, h.fall, now)
+        self.health.confirm_failures = True
+        self.interval, self.timeout, self.jitter = h.interval, h.timeout, h.jitter
+        self.handshake_timeout = h.handshake_timeout
+        self.started_at = now
+        self.drained = False  # by the operator
+        self.removing = False  # removed by a reload, draining until torn down
+        self.presumed_up = False  # in the route when hatun started (adopted), until a first verdict
+        self.ifindex: int | None = None
+        self.link_up = False
+        self.endpoint: tuple[str, int] | None = None
+        self.endpoint_error: str | None = None
+        self.status: DeviceStatus | None = None
+        self.status_at: float | None = None  # when `status` was read (trio clock)
+        self.rate_sample: tuple[float, int, int] | None = None  # (time, rx, tx) the rates are measured from
+        self.rx_rate = self.tx_rate = 0.0
+        self.last_error: str | None = None
+        self.restarts = 0
+        self.transitions: Counter = Counter()
+        self.congested = 0  # probe failures that traffic showed to be congestion
+        self.late_replies = 0  # replies to probes that had already timed out
+        # The last handshake as WireGuard reports it (wall clock), and when it happened on Trio's clock:
+        # ages come from the latter, so a step of the wall clock does not age every handshake at once.
+        self.hs_wall: float | None = None
+        self.hs_at: float | None = None
+        self.done = trio.Event()  # set once `serve` has ended
+        self._scope: trio.CancelScope | None = None
+        self._nursery: trio.Nursery | None = None
+        self._probe_scope: trio.CancelScope | None = None
+        self._probe_stream: ProbeStream | None = None
+        self._status_reading: trio.Event | None = None  # set when the device read in progress ends
+        self._device_event = trio.Event()
+        self._went_down = trio.Event()
+        self._rx_baseline: int | None = None  # rx bytes (link counter) at the first failure of the current series
+        self._rx_baseline_ready: trio.Event | None = None
+        self._evidence = trio.Event()  # set on any probe reply (late ones too)
+        self._congestion_logged = False
+        self._removal_scope: trio.CancelScope | None = None
+
+    @property
+    def name(self) -> str:
+        return self.cfg.name
+
+    @property
+    def ifname(self) -> str:
+        return self.cfg.ifname
+
+    @property
+    def present(self) -> bool:
+        return self.ifindex is not None and self.link_up
+
+    @property
+    def state(self) -> State:
+        return display_state(self.health.health, self.drained or self.removing)
+
+    def device_settings(self) -> DeviceSettings:
+        """What this tunnel's WireGuard device should look like."""
+        return device_settings(self.config, self.cfg, self.key, self.endpoint, self.env.bypass_mark)
+
+    # ------------------------------------------------------------ lifecycle
+
+    async def serve(self) -> None:
+        """Run this tunnel's tasks until `stop`; a failure restarts this tunnel alone, with backoff."""
+        try:
+            async with trio.open_nursery() as nursery:
+                self._nursery, self._scope = nursery, nursery.cancel_scope
+                await self._serve_with_restarts()
+        finally:
+            self._nursery = None
+            self.done.set()
+
+    def stop(self) -> None:
+        """End every task of this tunnel (its device stays: deleting it is the caller's decision)."""
+        if self._scope is not None:
+            self._scope.cancel()
+
+    @property
+    def running(self) -> bool:
+        return self._scope is not None and not self.done.is_set()
+
+    async def _serve_with_restarts(self) -> None:
+        backoff = 0.5
+        while True:
+            started = trio.current_time()
+            try:
+                await self._serve_once()
+            except Exception as e:  # noqa: BLE001 - isolate one tunnel's failures
+                self.last_error = f"{type(e).__name__}: {e}"
+                self.restarts += 1
+                if trio.current_time() - started > 30:
+                    backoff = 0.5
+                log.error("%s: %s; restarting this tunnel in %.1f s", self.name, self.last_error, backoff,
+                          exc_info=log.isEnabledFor(logging.DEBUG))
+                transition = self.health.fail_now(trio.current_time(), self.last_error)
+                if transition is not None:
+                    self._on_transition(transition)
+                await trio.sleep(backoff)
+                backoff = min(backoff * 2, MAX_BACKOFF)
+
+    async def _serve_once(self) -> None:
+        await self.resolve()
+        changes = await self.env.backend.apply(self.device_settings())
+        if changes:
+            log.info("%s: device %s %s", self.name, self.ifname, "created" if changes.created else
+                     "updated: " + ", ".join(sorted(changes.changed)))
+        await self.refresh_link()
+        self._set_sysctls()
+        self.env.poke()
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(self._serve_probes)
+            nursery.start_soon(self._serve_device)
+            nursery.start_soon(self._serve_resolver)  # idles while the endpoint is an IP address
+            nursery.start_soon(self._serve_kicks)  # idles while the tunnel is not down
+
+    def _spawn(self, what: str, fn, *args) -> None:
+        """A short task of this tunnel's; a failure of it is logged, not propagated."""
+        async def guarded() -> None:
+            try:
+                await fn(*args)
+            except Exception as e:  # noqa: BLE001 - a one-off task must not end the tunnel
+                self.env.errors.log(logging.ERROR, f"{self.name}: {what}", "%s: %s failed: %s: %s", self.name,
+                                    what, type(e).__name__, e, exc_info=log.isEnabledFor(logging.DEBUG))
+
+        if self._nursery is not None:
+            self._nursery.start_soon(guarded, name=f"{self.name}: {what}")
+
+    async def update(self, config: Config, cfg: Tunnel, key) -> None:
+        """Take CONFIG's settings for this tunnel (CFG, KEY): device (only what differs), probes, health."""
+        old = self.cfg
+        h = config.health_for(cfg)
+        probe_changed = (cfg.probe_target != old.probe_target or h.interval != self.interval
+                         or h.timeout != self.timeout or h.jitter != self.jitter)
+        self.config, self.cfg, self.key = config, cfg, key
+        self.health.configure(h.rise, h.fall)
+        self.interval, self.timeout, self.jitter = h.interval, h.timeout, h.jitter
+        self.handshake_timeout = h.handshake_timeout
+        if cfg.endpoint != old.endpoint:
+            await self.resolve()
+        try:
+            changes = await self.env.backend.apply(self.device_settings())
+        except WireGuardError as e:
+            # The tunnel's own task retries with backoff; the reload itself went through.
+            self.last_error = str(e)
+            log.error("%s: the new settings could not be applied: %s", self.name, e)
+        else:
+            if changes:
+                log.info("%s: device updated: %s", self.name, ", ".join(sorted(changes.changed)) or "created")
+        if probe_changed and self._probe_scope is not None:
+            self._probe_scope.cancel()
+
+    # ------------------------------------------------------------ the device
+
+    def _set_sysctls(self) -> None:
+        # Replies of probes and pinned flows arrive on a tunnel the main table may not point at.
+        try:
+            sysctl.write("2", "net", "ipv4", "conf", self.ifname, "rp_filter")
+        except sysctl.SysctlError as e:
+            log.debug("%s", e)
+
+    async def refresh_link(self) -> None:
+        self.set_link(await self.env.rtnl.link(self.ifname))
+
+    def set_link(self, link: Link | None) -> None:
+        """The device's link as netlink reports it (None: gone)."""
+        old = (self.ifindex, self.link_up)
+        if link is None:
+            self.ifindex, self.link_up = None, False
+        else:
+            self.ifindex, self.link_up = link.index, link.up and link.carrier
+        if (self.ifindex, self.link_up) != old:
+            if self._probe_stream is not None:
+                self._probe_stream.ifindex = self.ifindex if self.present else None
+            self._device_event.set()
+            self._device_event = trio.Event()
+            self.env.poke()
+
+    async def _serve_device(self) -> None:
+        """Keep the device there: when it vanishes (deleted, its wireguard-go died) make it again."""
+        while True:
+            await self._device_event.wait()
+            if self.ifindex is None and self.env.backend_name == "kernel":
+                await trio.sleep(0.05)
+                log.warning("%s: device %s vanished; re-creating it", self.name, self.ifname)
+                self.env.repairs["link"] += 1
+                await self.env.backend.apply(self.device_settings())
+                await self.refresh_link()
+                self._set_sysctls()
+            elif self.ifindex is not None and not self.link_up:
+                # Someone set it down: bring it back (apply restores the link state too).
+                await trio.sleep(0.05)
+                await self.env.backend.apply(self.device_settings())
+                await self.refresh_link()
+
+    def on_recreated(self) -> None:
+        """The userspace backend replaced a dead or hung wireguard-go: a new device, new ifindex."""
+        self.env.repairs["link"] += 1
+        log.warning("%s: wireguard-go for %s was restarted and reconfigured", self.name, self.ifname)
+        self._set_sysctls()
+        self._spawn("reading its device", self._refresh_link_safely)
+
+    async def _refresh_link_safely(self) -> None:
+        try:
+            await self.refresh_link()
+        except (NetlinkError, NetlinkTimeout) as e:
+            log.warning("%s: reading device %s: %s", self.name, self.ifname, e)
+            self.env.poke()
+
+    async def _serve_kicks(self) -> None:
+        """While the tunnel is down and its peer silent, start a fresh handshake every few seconds.
+
+        WireGuard itself re-handshakes only after 15 s of sending without replies, and a gateway that
+        restarted has forgotten the session: without this, recovery would take that long. The task
+        sleeps on an event while the tunnel is not down: no wakeups for healthy tunnels.
+        """
+        while True:
+            await self._went_down.wait()
+            self._went_down = trio.Event()
+            while self.health.health is State.DOWN:
+                await trio.sleep(KICK_INTERVAL)
+                if self.health.health is not State.DOWN or not self.present:
+                    continue
+                if trio.current_time() - self.health.since < KICK_INTERVAL:
+                    continue
+                await self.read_status()
+                # Silent: no handshake since it went down. A down tunnel with fresh handshakes (its
+                # probe target is down, not its path) keeps its session.
+                if self.hs_at is None or self.hs_at < self.health.since:
+                    log.debug("%s: no reply and no fresh handshake: starting a new session", self.name)
+                    try:
+                        await self.env.backend.reset_peer(self.device_settings())
+                    except WireGuardError as e:
+                        log.debug("%s: %s", self.name, e)
+
+    # ------------------------------------------------------------ the endpoint
+
+    async def resolve(self) -> bool:
+        """Resolve the endpoint (DNS names); True when the address changed."""
+        ep = self.cfg.endpoint
+        if not ep.is_dns:
+            new = (ep.host, ep.port)
+        else:
+            try:
+                with trio.fail_after(5):
+                    infos = await trio.socket.getaddrinfo(ep.host, ep.port, type=socket.SOCK_DGRAM)
+                new = (infos[0][4][0], ep.port)
+                self.endpoint_error = None
+            except (OSError, trio.TooSlowError) as e:
+                self.endpoint_error = f"cannot resolve {ep.host}: {getattr(e, 'strerror', None) or 'timeout'}"
+                log.warning("%s: %s", self.name, self.endpoint_error)
+                return False
+        changed = new != self.endpoint
+        if changed and self.endpoint is not None:
+            log.info("%s: endpoint %s now resolves to %s", self.name, ep.host, new[0])
+        self.endpoint = new
+        return changed
+
+    async def _serve_resolver(self) -> None:
+        """Re-resolve a DNS endpoint every resolve_interval, and every few seconds while the tunnel
+        is down or its handshakes are stale (a gateway behind dynamic DNS that moved)."""
+        last = trio.current_time()
+        while True:
+            await trio.sleep(RESOLVE_RETRY / 2)
+            if not self.cfg.endpoint.is_dns:
+                continue
+            age = self.handshake_age()
+            troubled = self.endpoint is None or self.health.health is State.DOWN or age is None or age > 135
+            since = trio.current_time() - last
+            if since >= self.config.resolve_interval or (troubled and since >= RESOLVE_RETRY):
+                last = trio.current_time()
+                if await self.resolve():
+                    await self.env.backend.apply(self.device_settings())
+
+    # ------------------------------------------------------------ probes and the congestion guard
+
+    async def _serve_probes(self) -> None:
+        """Probe through the tunnel while its tasks run; registered anew when the probe settings change."""
+        probes = self.env.probes
+        while True:
+            probe = self.cfg.probe_target
+            stream = ProbeStream(self.name, interval=self.interval, timeout=self.timeout, jitter=self.jitter,
+                                 on_result=self._on_probe, on_late=self._on_late_reply,
+                                 rtt_hint=lambda: self.health.rtt_avg)
+            with trio.CancelScope() as scope:
+                self._probe_scope = scope
+                try:
+                    if probe.kind == "icmp":
+                        probes.add_icmp(stream, probe.host, self.ifindex if self.present else None)
+                        self._probe_stream = stream
+                    else:
+                        probes.add_tcp(stream, probe.host, probe.port, self.ifname)
+                    await trio.sleep_forever()
+                except OSError as e:
+                    self._on_probe(False, None, f"cannot probe: {e.strerror or e}")
+                    await trio.sleep(max(self.interval, 1.0))
+                finally:
+                    probes.remove(stream)
+                    self._probe_stream = None
+            self._probe_scope = None
+
+    def _on_probe(self, ok: bool, rtt: float | None, reason: str | None) -> None:
+        health = self.health
+        was_suspect = health.suspect
+        result = health.record(ok, trio.current_time(), rtt=rtt, reason=reason)
+        if ok:
+            self._note_evidence()
+            if was_suspect:
+                self._congested("a probe was answered again")
+            if health.successes >= health.rise:
+                self._congestion_logged = False
+        if ok or (result is not None and not isinstance(result, Suspect)):
+            self._rx_baseline, self._rx_baseline_ready = None, None
+        if result is None:
+            # The first failure of an up tunnel: note how much it has received, in case its probes
+            # go on failing while traffic still flows in (congestion, not a dead path).
+            if not ok and health.failures == 1 and health.health is State.UP:
+                self._rx_baseline_ready = trio.Event()
+                self._spawn("congestion check", self._note_rx_baseline, self._rx_baseline_ready)
+        elif isinstance(result, Suspect):
+            self._spawn("congestion check", self._confirm_down)
+        else:
+            self._on_transition(result)
+
+    def check_handshake(self) -> None:
+        """A handshake that is stale (or never came) counts as a failed probe."""
+        if not self.present:
+            return
+        age = self.handshake_age()
+        alive_for = trio.current_time() - self.started_at
+        if age is None and alive_for > self.handshake_timeout:
+            self._on_probe(False, None, f"no handshake in {alive_for:.0f} s")
+        elif age is not None and age > self.handshake_timeout:
+            self._on_probe(False, None, f"handshake stale ({age:.0f} s old)")
+
+    def _on_late_reply(self, rtt: float) -> None:
+        """A reply to a probe that had already timed out: the path works both ways, only slowly."""
+        self.late_replies += 1
+        self._note_evidence()
+        if self.health.suspect:
+            self.health.clear_suspect()
+            self._congested(f"a late reply came after {rtt * 1000:.0f} ms")
+
+    def _note_evidence(self) -> None:
+        self._evidence.set()
+        self._evidence = trio.Event()
+
+    def _congested(self, why: str) -> None:
+        self.congested += 1
+        if not self._congestion_logged:
+            self._congestion_logged = True
+            log.info("%s: %d probes lost, but %s: congested, not down (logged once until it recovers)",
+                     self.name, self.health.fall, why)
+
+    async def _link_rx(self) -> int | None:
+        """Bytes the tunnel received (decrypted), from the kernel's counters of its device: a netlink
+        read that never waits on a wireguard-go (a frozen one must not delay a verdict). None: unknown."""
+        index = self.ifindex
+        if index is None:
+            return None
+        with trio.move_on_after(COUNTER_TIMEOUT):
+            try:
+                link = await self.env.rtnl.link(index)
+            except (NetlinkError, NetlinkTimeout) as e:
+                log.debug("%s: reading counters: %s", self.name, e)
+                return None
+            return link.rx_bytes if link is not None and link.name == self.ifname else None
+        return None
+
+    async def _note_rx_baseline(self, ready: trio.Event) -> None:
+        try:
+            value = await self._link_rx()
+            if self._rx_baseline_ready is ready:
+                self._rx_baseline = value
+        finally:
+            ready.set()
+
+    async def _confirm_down(self) -> None:
+        """`fall` probes failed on an up tunnel: is it dead, or only congested (a saturated tunnel or
+        CPU, where moving its flows would break them at the gateways' NAT)?
+
+        - Nothing arrived through it since the first failure (its receive counter, read from the
+          kernel, did not grow by more than CONGESTION_RX_BYTES; or the device did not answer): dead
+          (a blackholed path, a dead gateway, a frozen wireguard-go). Down now.
+        - Traffic still arrives: the way in works, the way out is unproven. It stays in service for
+          up to CONGESTION_GRACE seconds, and stays for good if any probe reply comes meanwhile (a
+          new one, or a late reply to a probe that timed out). Without one, the way out is broken
+          (a one-way failure): down.
+        """
+        ready = self._rx_baseline_ready
+        if ready is not None:
+            with trio.move_on_after(COUNTER_TIMEOUT):
+                await ready.wait()
+        baseline, now_rx = self._rx_baseline, await self._link_rx()
+        received = now_rx - baseline if now_rx is not None and baseline is not None and now_rx >= baseline else 0
+        if not self.health.suspect:
+            return  # a reply came meanwhile
+        note = ""
+        if received > CONGESTION_RX_BYTES:
+            with trio.move_on_after(CONGESTION_GRACE):
+                while self.health.suspect:
+                    await self._evidence.wait()
+            if not self.health.suspect:
+                return  # a reply came: congested (logged by whoever cleared it)
+            note = (f"; {received} bytes arrived meanwhile but no probe came back within"
+                    f" {CONGESTION_GRACE:g} s more: the way to the gateway is broken")
+        transition = self.health.confirm_down(trio.current_time(), note)
+        if transition is not None:
+            self._on_transition(transition)
+
+    def _on_transition(self, tr: Transition) -> None:
+        self.presumed_up = False
+        if tr.new is State.DOWN:
+            self._went_down.set()
+        state = display_state(tr.new, self.drained or self.removing)
+        self.transitions[str(state)] += 1
+        level = logging.WARNING if tr.new is State.DOWN else logging.INFO
+        log.log(level, "%s %s: %s", self.name, state, tr.reason, extra={"tunnel": self.name, "state": str(state)})
+        self.env.poke()
+
+    def set_drained(self, drained: bool) -> bool:
+        """The operator's drain (True) or its end; True when that changed anything."""
+        if self.drained == drained:
+            return False
+        self.drained = drained
+        state = self.state
+        self.transitions[str(state)] += 1
+        log.info("%s %s: %s", self.name, state, "drained by operator" if drained else "drain ended by operator")
+        self.env.poke()
+        return True
+
+    async def drain_for_removal(self, limit: float) -> bool:
+        """Removed by a reload: take no new flows, and wait until the flows it carries are gone (at
+        most LIMIT seconds). False when `revive` came first (it stays)."""
+        self.removing = True
+        self.env.poke()
+        with trio.CancelScope() as scope:
+            self._removal_scope = scope
+            await self.wait_idle(limit)
+        self._removal_scope = None
+        return not scope.cancelled_caught
+
+    def revive(self) -> None:
+        """A reload brought this tunnel back before its removal ended: it stays."""
+        self.removing = False
+        if self._removal_scope is not None:
+            self._removal_scope.cancel()
+
+    # ------------------------------------------------------------ counters
+
+    def handshake_age(self) -> float | None:
+        """Seconds since the last handshake, on Trio's (monotonic) clock; None: none seen."""
+        return None if self.hs_at is None else max(0.0, trio.current_time() - self.hs_at)
+
+    async def read_status(self, max_age: float = 0.0) -> DeviceStatus | None:
+        """Fresh counters of the device (kept as `status`); updates its rates and handshake time.
+        Never raises. MAX_AGE > 0: counters read that recently are fresh enough (a client that polls
+        status in a tight loop must not turn each poll into a device read per tunnel). A read already
+        under way is joined rather than repeated."""
+        if max_age > 0 and self.status_at is not None and trio.current_time() - self.status_at < max_age:
+            return self.status
+        if self._status_reading is not None:
+            await self._status_reading.wait()
+            return self.status
+        self._status_reading = reading = trio.Event()
+        try:
+            try:
+                status = await self.env.backend.get(self.ifname, with_link=False, timeout=DEVICE_READ_TIMEOUT)
+            except (WireGuardError, OSError) as e:
+                # A read that failed (a busy or hung device, EMFILE) says nothing about the
+                # handshake: what was last read stays, and its age keeps counting.
+                log.debug("%s: %s", self.name, e)
+            else:
+                self._note_status(status)
+        finally:
+            self._status_reading = None
+            reading.set()
+        return self.status
+
+    @property
+    def reading_status(self) -> bool:
+        return self._status_reading is not None
+
+    def _note_status(self, status: DeviceStatus | None) -> None:
+        now = trio.current_time()
+        previous_read = self.status_at
+        self.status, self.status_at = status, now
+        peer = status.peer if status is not None else None
+        if peer is None or peer.last_handshake is None:
+            self.hs_wall = self.hs_at = None
+        elif peer.last_handshake != self.hs_wall:
+            # A new handshake. Its age comes from the wall clock (that is what WireGuard reports),
+            # but it happened after our previous read, so it is never older than that.
+            age = max(0.0, time.time() - peer.last_handshake)
+            if previous_read is not None and self.hs_wall is not None:
+                age = min(age, now - previous_read)
+            self.hs_wall, self.hs_at = peer.last_handshake, now - age
+        if peer is None:
+            self.rate_sample = None
+            self.rx_rate = self.tx_rate = 0.0
+        elif self.rate_sample is None or peer.rx_bytes < self.rate_sample[1] or peer.tx_bytes < self.rate_sample[2]:
+            self.rate_sample = (now, peer.rx_bytes, peer.tx_bytes)  # first sample, or a new device
+        elif now - self.rate_sample[0] >= 0.5:
+            dt = now - self.rate_sample[0]
+            self.rx_rate = (peer.rx_bytes - self.rate_sample[1]) / dt
+            self.tx_rate = (peer.tx_bytes - self.rate_sample[2]) / dt
+            self.rate_sample = (now, peer.rx_bytes, peer.tx_bytes)
+
+    async def wait_idle(self, limit: float) -> None:
+        """Wait until the tunnel carries nothing but probes (no growth beyond them for IDLE_FOR s), at most LIMIT."""
+        with trio.move_on_after(limit):
+            quiet_since = trio.current_time()
+            last = None
+            while trio.current_time() - quiet_since < IDLE_FOR:
+                status = await self.read_status()
+                tx = status.peer.tx_bytes if status and status.peer else 0
+                # Probes are ~ 100 bytes per interval; more than that is user traffic.
+                if last is not None and tx - last > 400 * max(1.0, 0.25 / self.interval):
+                    quiet_since = trio.current_time()
+                last = tx
+                await trio.sleep(0.25)
+
+
+async def refresh_statuses(tunnels: list[TunnelRunner], max_age: float, deadline: float) -> None:
+    """Read every tunnel's counters concurrently, for at most DEADLINE seconds: one slow or hung
+    device delays a status or a scrape by that much at most, and the others are fresh."""
+    with trio.move_on_after(deadline):
+        async with trio.open_nursery() as nursery:
+            for t in tunnels:
+                nursery.start_soon(t.read_status, max_age)

@@ -1,0 +1,117 @@
+"""TunnelRunner without root: its tasks run against fakes of netlink, the probe engine and the
+backend (the lab tests run the same code against real tunnels)."""
+
+from __future__ import annotations
+
+import trio
+
+from hatun.health import State
+from hatun.tunnel import KICK_INTERVAL
+from tests.fakes import FakeProbes, FakeRtnl, RecordingBackend, make_env, make_runner
+
+
+def started_runner(pokes=None):
+    rtnl, probes = FakeRtnl(), FakeProbes()
+    backend = RecordingBackend(rtnl)
+    runner = make_runner(env=make_env(backend, pokes, rtnl=rtnl, probes=probes))
+    return runner, backend, rtnl, probes
+
+
+async def wait_until(predicate, limit: float = 5.0) -> None:
+    with trio.fail_after(limit):
+        while not predicate():
+            await trio.sleep(0.01)
+
+
+async def test_serve_creates_the_device_and_registers_probes(autojump_clock):
+    pokes = []
+    runner, backend, rtnl, probes = started_runner(pokes)
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(runner.serve)
+        await wait_until(lambda: probes.streams)
+        assert runner.present and runner.ifindex == rtnl.links["hat-gw1"].index
+        assert [s.ifname for s in backend.applied] == ["hat-gw1"] and pokes
+        runner.stop()
+    assert runner.done.is_set() and not probes.streams  # stopping unregistered its probes
+
+
+async def test_stop_ends_every_task_of_the_tunnel_and_nothing_else(autojump_clock):
+    runner, backend, rtnl, probes = started_runner()
+    other = trio.Event()
+
+    async def neighbour():  # another task of the same parent nursery
+        await trio.sleep(3600)
+        other.set()
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(runner.serve)
+        nursery.start_soon(neighbour)
+        await wait_until(lambda: probes.streams)
+        stream = probes.streams[0]
+        for _ in range(runner.health.rise):
+            stream.on_result(True, 0.001, None)
+        assert runner.health.health is State.UP
+        stream.on_result(False, None, "timeout")  # starts a congestion check: a task of the tunnel's
+        await trio.sleep(0)
+        runner.stop()
+        await runner.done.wait()
+        assert not other.is_set()  # the neighbour runs on
+    assert other.is_set()
+
+
+async def test_a_down_silent_tunnel_gets_session_kicks_and_an_up_one_none(autojump_clock):
+    runner, backend, rtnl, probes = started_runner()
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(runner.serve)
+        await wait_until(lambda: probes.streams)
+        stream = probes.streams[0]
+        for _ in range(runner.health.rise):
+            stream.on_result(True, 0.001, None)
+        await trio.sleep(10 * KICK_INTERVAL)
+        assert backend.resets == 0  # up: no kicks
+        for _ in range(runner.health.fall):
+            stream.on_result(False, None, "timeout")
+        await wait_until(lambda: runner.health.health is State.DOWN)  # nothing arrived: down
+        await trio.sleep(3.5 * KICK_INTERVAL)
+        assert backend.resets == 3  # one per interval, from the first interval after going down
+        for _ in range(runner.health.rise):
+            stream.on_result(True, 0.001, None)
+        kicked = backend.resets
+        await trio.sleep(10 * KICK_INTERVAL)
+        assert runner.health.health is State.UP and backend.resets <= kicked + 1
+        runner.stop()
+
+
+async def fail_while_traffic_arrives(runner, rtnl, stream) -> None:
+    """An up tunnel whose probes fail `fall` times while a lot arrives through it."""
+    for _ in range(runner.health.rise):
+        stream.on_result(True, 0.001, None)
+    stream.on_result(False, None, "timeout")
+    await trio.sleep(0.05)  # the baseline of the rx counter is read
+    rtnl.add("hat-gw1", rtnl.links["hat-gw1"].index, rx=1_000_000)  # the way in works
+    for _ in range(runner.health.fall - 1):
+        stream.on_result(False, None, "timeout")
+
+
+async def test_congestion_guard_keeps_a_tunnel_that_receives_and_answers_late(autojump_clock):
+    runner, backend, rtnl, probes = started_runner()
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(runner.serve)
+        await wait_until(lambda: probes.streams)
+        stream = probes.streams[0]
+        await fail_while_traffic_arrives(runner, rtnl, stream)
+        await trio.sleep(0.5)
+        assert runner.health.health is State.UP and runner.health.suspect
+        stream.on_late(0.8)  # the way out works too, slowly
+        assert runner.health.health is State.UP and not runner.health.suspect and runner.congested == 1
+        runner.stop()
+
+
+async def test_congestion_guard_takes_a_one_way_failure_down(autojump_clock):
+    runner, backend, rtnl, probes = started_runner()
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(runner.serve)
+        await wait_until(lambda: probes.streams)
+        await fail_while_traffic_arrives(runner, rtnl, probes.streams[0])  # and no reply comes back
+        await wait_until(lambda: runner.health.health is State.DOWN, 10)
+        runner.stop()

@@ -244,7 +244,9 @@ def _socket_path(args: argparse.Namespace) -> str:
         except (ConfigError, ConfigUnreadable) as e:
             raise CliError(f"cannot read the control socket path from {args.config}: {e}") from None
         return config.control.socket
-    return "/run/hatun/hatun.sock"
+    from hatun.config.models import Control
+
+    return Control().socket  # the default of `[control] socket`
 
 
 def _control(args: argparse.Namespace, req: dict, timeout: float | None = None) -> dict:
@@ -261,23 +263,31 @@ def _control(args: argparse.Namespace, req: dict, timeout: float | None = None) 
     return reply
 
 
+def _status(args: argparse.Namespace):
+    from hatun.status import Status, StatusError
+
+    try:
+        return Status.from_json(_control(args, {"command": "status"}).get("status"))
+    except StatusError as e:
+        raise CliError(str(e), EXIT_INVALID) from None
+
+
 def cmd_status(args: argparse.Namespace) -> int:
     import time
 
     from hatun.render import status_text
 
     if not args.watch:
-        status = _control(args, {"command": "status"})["status"]
+        status = _status(args)
         if args.json:
-            _print_json(status)
+            _print_json(status.to_json())
         else:
             print(status_text(status))
         return EXIT_OK
     # --watch: redraw once a second until Ctrl-C (or --count frames, for scripts and tests).
     frames = 0
     while args.count is None or frames < args.count:
-        status = _control(args, {"command": "status"})["status"]
-        text = status_text(status, watch=True)
+        text = status_text(_status(args), watch=True)
         sys.stdout.write("\x1b[H\x1b[2J" + text + "\n" if sys.stdout.isatty() else text + "\n\n")
         sys.stdout.flush()
         frames += 1

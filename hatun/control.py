@@ -128,7 +128,7 @@ async def _command(sup, req: dict) -> dict:
     cmd = req.get("command")
     if cmd == "status":
         await sup.refresh_statuses(max_age=STATUS_MAX_AGE)  # fresh counters and rates, bounded
-        return {"ok": True, "status": sup.snapshot()}
+        return {"ok": True, "status": sup.status().to_json()}
     if cmd in ("drain", "undrain"):
         name = req.get("tunnel")
         if not isinstance(name, str):

@@ -18,7 +18,6 @@ from prometheus_client import CollectorRegistry
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 from prometheus_client.exposition import CONTENT_TYPE_LATEST, choose_encoder, generate_latest
 
-from hatun import __version__
 from hatun.health import RTT_BUCKETS, State
 from hatun.serving import serve_bounded
 
@@ -60,8 +59,7 @@ class _StateCollector:
         return []
 
     def collect(self):
-        sup = self.sup
-        snap = sup.snapshot()
+        status = self.sup.status()
         up = GaugeMetricFamily("hatun_tunnel_up", "1 when the tunnel is in service (state up)", labels=["tunnel"])
         state = GaugeMetricFamily("hatun_tunnel_state", "Tunnel state: 1 for the current one", labels=["tunnel", "state"])
         rx = CounterMetricFamily("hatun_tunnel_receive_bytes", "Bytes received from the gateway (WireGuard counter)", labels=["tunnel"])
@@ -70,53 +68,51 @@ class _StateCollector:
         loss = GaugeMetricFamily("hatun_tunnel_probe_loss_ratio", "Share of the last 20 probes that failed", labels=["tunnel"])
         weight = GaugeMetricFamily("hatun_tunnel_weight", "Effective weight in the route (0: out of the route for new flows)", labels=["tunnel"])
         cweight = GaugeMetricFamily("hatun_tunnel_configured_weight", "Configured weight", labels=["tunnel"])
-        for t in snap["tunnels"]:
-            name = t["name"]
-            up.add_metric([name], 1.0 if t["state"] == "up" else 0.0)
-            for s in STATES:
-                state.add_metric([name, s], 1.0 if t["state"] == s else 0.0)
-            if t["rx_bytes"] is not None:
-                rx.add_metric([name], float(t["rx_bytes"]))
-                tx.add_metric([name], float(t["tx_bytes"]))
-            hs.add_metric([name], float(t["last_handshake"] or 0.0))
-            loss.add_metric([name], t["loss"])
-            weight.add_metric([name], float(t["weight"]))
-            cweight.add_metric([name], float(t["configured_weight"]))
-        yield from (up, state, rx, tx, hs, loss, weight, cweight)
         probes = CounterMetricFamily("hatun_tunnel_probes", "Probes sent through the tunnel, by result",
                                      labels=["tunnel", "result"])
         rtt = HistogramMetricFamily("hatun_tunnel_probe_rtt_seconds", "Round-trip time of probes through the tunnel",
                                     labels=["tunnel"])
         transitions = CounterMetricFamily("hatun_tunnel_transitions", "State changes of the tunnel, by new state",
                                           labels=["tunnel", "to"])
-        for rt in list(sup.tunnels.values()):
-            h = rt.health
-            probes.add_metric([rt.name, "success"], float(h.probes_ok))
-            probes.add_metric([rt.name, "failure"], float(h.probes_failed))
+        # Every tunnel of the status (draining ones too), in every family: one set of series per tunnel.
+        for t in status.tunnels:
+            name = t.name
+            up.add_metric([name], 1.0 if t.state == "up" else 0.0)
+            for s in STATES:
+                state.add_metric([name, s], 1.0 if t.state == s else 0.0)
+            if t.rx_bytes is not None and t.tx_bytes is not None:
+                rx.add_metric([name], float(t.rx_bytes))
+                tx.add_metric([name], float(t.tx_bytes))
+            hs.add_metric([name], float(t.last_handshake or 0.0))
+            loss.add_metric([name], t.loss)
+            weight.add_metric([name], float(t.weight))
+            cweight.add_metric([name], float(t.configured_weight))
+            probes.add_metric([name, "success"], float(t.probes_ok))
+            probes.add_metric([name, "failure"], float(t.probes_failed))
             buckets, total = [], 0
-            for bound, count in zip((*RTT_BUCKETS, float("inf")), h.rtt_counts):
+            for bound, count in zip((*RTT_BUCKETS, float("inf")), t.rtt_counts):
                 total += count
                 buckets.append(("+Inf" if bound == float("inf") else repr(bound), float(total)))
-            rtt.add_metric([rt.name], buckets, h.rtt_sum)
+            rtt.add_metric([name], buckets, t.rtt_sum)
             for to in TRANSITION_TARGETS:
-                transitions.add_metric([rt.name, to], float(rt.transitions.get(to, 0)))
-        yield from (probes, rtt, transitions)
+                transitions.add_metric([name, to], float(t.transitions.get(to, 0)))
+        yield from (up, state, rx, tx, hs, loss, weight, cweight, probes, rtt, transitions)
         in_service = GaugeMetricFamily("hatun_route_tunnels_in_service", "Tunnels carrying new flows")
-        in_service.add_metric([], float(len(snap["route"]["members"]) if not snap["route"]["all_down"] else 0))
+        in_service.add_metric([], float(len(status.route.members)) if status.in_service else 0.0)
         yield in_service
         reloads = CounterMetricFamily("hatun_config_reloads", "Config reloads, by result", labels=["result"])
         for result in ("success", "failure"):
-            reloads.add_metric([result], float(sup.reloads.get(result, 0)))
+            reloads.add_metric([result], float(status.reload.counts.get(result, 0)))
         yield reloads
         last = GaugeMetricFamily("hatun_config_last_reload_successful", "1 when the last reload worked (or none was tried)")
-        last.add_metric([], 1.0 if sup.last_reload_ok else 0.0)
+        last.add_metric([], 1.0 if status.reload.ok else 0.0)
         yield last
         repairs = CounterMetricFamily("hatun_route_repairs", "Kernel objects repaired after a change behind hatun's back", labels=["object"])
         for obj in ("route", "nexthop", "rule", "address", "link"):
-            repairs.add_metric([obj], float(sup.repairs.get(obj, 0)))
+            repairs.add_metric([obj], float(status.repairs.get(obj, 0)))
         yield repairs
         info = GaugeMetricFamily("hatun_build_info", "hatun's version and WireGuard backend", labels=["version", "backend"])
-        info.add_metric([__version__, sup.backend_name or "unknown"], 1.0)
+        info.add_metric([status.version, status.backend or "unknown"], 1.0)
         yield info
 
 
@@ -147,10 +143,9 @@ async def _answer(request: h11.Request, metrics: Metrics) -> tuple[int, bytes, s
     if path == "/healthz":
         return 200, b"ok\n", "text/plain; charset=utf-8"
     if path == "/readyz":
-        decision = metrics.sup.decision
-        members = decision.member_names() if decision else ()
-        if members and not decision.all_down:
-            return 200, f"ready: {len(members)} tunnels in service\n".encode(), "text/plain; charset=utf-8"
+        route = metrics.sup.status().route
+        if route.members and not route.all_down:
+            return 200, f"ready: {len(route.members)} tunnels in service\n".encode(), "text/plain; charset=utf-8"
         return 503, b"not ready: no tunnel in service\n", "text/plain; charset=utf-8"
     if path == "/":
         return 200, b"hatun: see /metrics, /healthz, /readyz\n", "text/plain; charset=utf-8"

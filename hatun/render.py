@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+from hatun.status import Status
+
 
 def table(headers: Sequence[str], rows: Sequence[Sequence[object]], indent: str = "") -> str:
     """A left-aligned text table; columns are as wide as their widest cell."""
@@ -71,37 +73,36 @@ def _ms(seconds: float | None) -> str:
     return "-" if seconds is None else f"{seconds * 1000:.1f}ms" if seconds < 0.1 else f"{seconds * 1000:.0f}ms"
 
 
-def status_text(status: dict, watch: bool = False) -> str:
+def status_text(status: Status, watch: bool = False) -> str:
     """`hatun status` for people: one line per tunnel, then the route."""
     import time
 
-    route = status["route"]
-    members = route["members"]
-    if route["unreachable"]:
+    route = status.route
+    if route.unreachable:
         route_line = "UNREACHABLE (no tunnel in service)"
-    elif route["all_down"]:
-        route_line = f"all tunnels down; kept on {', '.join(members)}"
+    elif route.all_down:
+        route_line = f"all tunnels down; kept on {', '.join(route.members)}"
     else:
-        route_line = f"{', '.join(members)} (tier {route['tier']})"
+        route_line = f"{', '.join(route.members)} (tier {route.tier})"
     lines = [
-        f"hatun {status['version']} (pid {status['pid']}), {status['backend']} WireGuard, {status['mode']} steering"
-        + ("" if status["ready"] else ", starting"),
-        f"prefixes {', '.join(route['prefixes'])} -> {route_line}",
+        f"hatun {status.version} (pid {status.pid}), {status.backend} WireGuard, {status.mode} steering"
+        + ("" if status.ready else ", starting"),
+        f"prefixes {', '.join(route.prefixes)} -> {route_line}",
     ]
-    if route.get("last_error"):
-        lines.append(f"route problem: {route['last_error']}")
+    if route.last_error:
+        lines.append(f"route problem: {route.last_error}")
     rows = []
-    for t in status["tunnels"]:
-        state = t["state"] + (" (drained)" if t["drained"] and t["state"] != "draining" else "")
-        note = t["last_failure"] if t["state"] == "down" and t["last_failure"] else ""
-        if t["endpoint_error"]:
-            note = t["endpoint_error"]
-        elif t["last_error"] and t["state"] != "up":
-            note = t["last_error"]
-        route_col = "yes" if t["in_route"] else ("pinned" if t["pinned"] else "no")
-        rows.append((t["name"], state, _age(t["for_seconds"]), _ms(t["rtt_seconds"]), f"{t['loss'] * 100:.0f}%",
-                     t["weight"], route_col, _rate(t["rx_rate"]), _rate(t["tx_rate"]),
-                     _age(t["handshake_age_seconds"]), note))
+    for t in status.tunnels:
+        state = t.state + (" (drained)" if t.drained and t.state != "draining" else "")
+        note = t.last_failure if t.state == "down" and t.last_failure else ""
+        if t.endpoint_error:
+            note = t.endpoint_error
+        elif t.last_error and t.state != "up":
+            note = t.last_error
+        route_col = "yes" if t.in_route else ("pinned" if t.pinned else "no")
+        rows.append((t.name, state, _age(t.for_seconds), _ms(t.rtt_seconds), f"{t.loss * 100:.0f}%",
+                     t.weight, route_col, _rate(t.rx_rate), _rate(t.tx_rate),
+                     _age(t.handshake_age_seconds), note or ""))
     lines.append(table(("tunnel", "state", "for", "rtt", "loss", "weight", "route", "rx", "tx", "handshake", ""), rows))
     if watch:
         lines.append(time.strftime("%H:%M:%S") + "  (Ctrl-C to stop)")

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from hatun.config import Config
 from hatun.control import ControlError, NotRunning, request
 from hatun.rundir import RunDir, RunDirError
+from hatun.status import Status, StatusError, TunnelStatus
 
 POLL = 0.2
 
@@ -24,7 +25,7 @@ POLL = 0.2
 @dataclass
 class UpResult:
     ok: bool
-    status: dict | None
+    status: Status | None
     diagnoses: dict[str, str]
     message: str
     pid: int | None = None
@@ -34,28 +35,28 @@ def log_path(config: Config) -> str:
     return RunDir(config.run_dir).log_path
 
 
-def _status(socket_path: str) -> dict | None:
+def _status(socket_path: str) -> Status | None:
     try:
         reply = request(socket_path, {"command": "status"}, timeout=5)
-    except (NotRunning, ControlError):
+        return Status.from_json(reply.get("status")) if reply.get("ok") else None
+    except (NotRunning, ControlError, StatusError):
         return None
-    return reply.get("status") if reply.get("ok") else None
 
 
-def diagnose(t: dict) -> str:
-    """Why tunnel T (a status entry) is not healthy, in words that point at the fix."""
-    if t["state"] == "up":
+def diagnose(t: TunnelStatus) -> str:
+    """Why tunnel T is not healthy, in words that point at the fix."""
+    if t.state == "up":
         return "healthy"
-    if t.get("endpoint_error"):
-        return f"{t['endpoint_error']}: check the endpoint's DNS name"
-    if not t.get("present"):
-        return f"the tunnel device is missing ({t.get('last_error') or 'not created yet'})"
-    if t.get("handshake_age_seconds") is None:
-        return (f"no handshake with the gateway at {t['endpoint'] or t['endpoint_configured']}: wrong keys (the"
+    if t.endpoint_error:
+        return f"{t.endpoint_error}: check the endpoint's DNS name"
+    if not t.present:
+        return f"the tunnel device is missing ({t.last_error or 'not created yet'})"
+    if t.handshake_age_seconds is None:
+        return (f"no handshake with the gateway at {t.endpoint or t.endpoint_configured}: wrong keys (the"
                 " gateway must have this host's public key as a peer, and peer_public_key must be the gateway's),"
                 " wrong endpoint, or UDP to it blocked")
-    reason = t.get("last_failure") or "no reply"
-    return (f"handshake OK ({t['handshake_age_seconds']:.0f} s ago) but probes to {t['probe']} fail ({reason}): the"
+    reason = t.last_failure or "no reply"
+    return (f"handshake OK ({t.handshake_age_seconds:.0f} s ago) but probes to {t.probe} fail ({reason}): the"
             " gateway does not forward into the private network, or the probe target is wrong")
 
 
@@ -85,14 +86,13 @@ def up(config: Config, config_path: str, *, wait: float, min_healthy: int, keep_
             return UpResult(False, None, {}, f"hatun exited with status {proc.returncode}:\n{_log_tail(config)}", pid)
         status = _status(sock) or status
         if status is not None:
-            healthy = sum(t["state"] == "up" for t in status["tunnels"])
-            if healthy >= min_healthy and status["route"]["members"] and not status["route"]["all_down"]:
-                return UpResult(True, status, {t["name"]: diagnose(t) for t in status["tunnels"]},
-                                f"{healthy} of {len(status['tunnels'])} tunnels healthy", status["pid"])
+            if status.healthy >= min_healthy and status.in_service:
+                return UpResult(True, status, {t.name: diagnose(t) for t in status.tunnels},
+                                f"{status.healthy} of {len(status.tunnels)} tunnels healthy", status.pid)
         if time.monotonic() >= deadline:
             break
         time.sleep(POLL)
-    diagnoses = {t["name"]: diagnose(t) for t in status["tunnels"]} if status else {}
+    diagnoses = {t.name: diagnose(t) for t in status.tunnels} if status else {}
     message = (f"fewer than {min_healthy} tunnels healthy after {wait:g} s" if status
                else f"hatun did not answer on {sock} within {wait:g} s:\n{_log_tail(config)}")
     if not keep_on_failure:
@@ -113,7 +113,7 @@ def down(config: Config, timeout: float = 30.0) -> tuple[bool, list[str]]:
     Returns (a hatun was running, what the clean-up removed). Idempotent."""
     import trio
 
-    from hatun.supervisor import cleanup
+    from hatun.teardown import cleanup
 
     sock = config.control.socket
     was_running = False

@@ -37,7 +37,9 @@ from hatun.reload import ReloadPlan, RunningTunnel, plan_reload
 from hatun.routes import Reconciler, adopted_members
 from hatun.rundir import RunDir, RunDirError, State as RunState
 from hatun.serving import RateLimitedLog
-from hatun.steering import Layout, Member, RenderTunnel, TunnelView, allocate_slots, decide, render
+from hatun.status import ReloadStatus, RouteStatus, Status, TunnelStatus
+from hatun.steering import Layout, Member, RenderTunnel, TunnelView, allocate_slots, decide, fail_closed_gate, render
+from hatun.teardown import cleanup, remove_owned
 from hatun.tunnel import TunnelEnv, TunnelRunner, device_settings, refresh_statuses
 from hatun.wireguard.model import WireGuardError
 
@@ -352,14 +354,6 @@ class Supervisor:
         self._save_state()
 
 
-    def _restore_sysctls(self) -> None:
-        for key, value in self._sysctl_saved.items():
-            try:
-                sysctl.write(value, *key.split("."))
-            except sysctl.SysctlError as e:
-                log.warning("%s", e)
-        self._sysctl_saved = {}
-
     def _save_state(self) -> None:
         self._state.pid = os.getpid()
         self._state.config = os.path.abspath(self.config_path) if self.config_path else None
@@ -551,35 +545,20 @@ class Supervisor:
 
         With `when_all_down = "unreachable"` the fail-closed gate stays (the prefixes' unreachable
         stubs and the steering rules): the prefixes stay unreachable, never in clear text through
-        the main table, until hatun runs again or `hatun down` (`cleanup`) opens the gate."""
-        from hatun.steering import fail_closed_gate
-
+        the main table, until hatun runs again or `hatun down` (`teardown.cleanup`) opens the gate."""
         r = self.config.routing
         fail_closed = r.when_all_down == "unreachable"
-        try:
-            # Routes go before the devices, the stubs stay throughout: no packet finds a gap.
-            res = await self.reconciler.remove_all(fail_closed_gate(r.prefixes, self.layout) if fail_closed else None)
-            for err in res.errors:
-                log.warning("clean-up: %s", err)
-        except (NetlinkError, NetlinkTimeout) as e:
-            log.error("clean-up of routes: %s", e)
-        if self.pinning is not None:
-            try:
-                await self.pinning.remove()
-            except PinningError as e:
-                log.error("clean-up of nftables: %s", e)
-        async def delete(rt: TunnelRunner) -> None:
-            try:
-                await self.backend.delete(rt.ifname)
-            except WireGuardError as e:
-                log.error("clean-up of %s: %s", rt.ifname, e)
 
-        async with trio.open_nursery() as nursery:  # in parallel: each may wait for a process to end
-            for rt in self.runtimes():
-                nursery.start_soon(delete, rt)
-        self._restore_sysctls()
-        self.rundir.remove_state()
-        log.info("removed hatun's routes, rules, nexthops and %d tunnel devices%s", len(self.runtimes()),
+        async def delete_device(ifname: str) -> bool:
+            await self.backend.delete(ifname)
+            return True
+
+        devices = [t.ifname for t in self.runtimes()]
+        await remove_owned(self.reconciler, self.pinning, gate=fail_closed_gate(r.prefixes, self.layout) if fail_closed
+                           else None, devices=devices, delete_device=delete_device, sysctls=self._sysctl_saved,
+                           rundir=self.rundir)
+        self._sysctl_saved = {}
+        log.info("removed hatun's routes, rules, nexthops and %d tunnel devices%s", len(devices),
                  "; the steered prefixes stay unreachable (fail closed) until hatun runs again or `hatun down`"
                  if fail_closed else "")
 
@@ -731,116 +710,48 @@ class Supervisor:
 
     # ------------------------------------------------------------ views for status and metrics
 
-    def snapshot(self) -> dict:
-        """The state of every tunnel, for `hatun status` and metrics (JSON-ready, no secrets)."""
+    def status(self) -> Status:
+        """The state of hatun and of every tunnel it has a device for (no secrets): see hatun/status.py."""
         members = self.decision.member_names() if self.decision else ()
         pinned = self.decision.pinned if self.decision else ()
         now = trio.current_time()
         wall = time.time()
-        out = []
-        for rt in self.runtimes():
-            peer = rt.status.peer if rt.status else None
-            age = rt.handshake_age()
-            out.append({
-                "name": rt.name, "interface": rt.ifname, "state": str(rt.state), "health": str(rt.health.health),
-                "drained": rt.drained, "removing": rt.removing,
-                "since": wall - (now - rt.health.since), "for_seconds": now - rt.health.since,
-                "rtt_seconds": rt.health.rtt_avg, "rtt_last_seconds": rt.health.rtt_last, "loss": rt.health.loss,
-                "weight": rt.cfg.weight if self._key(rt) in members else 0, "configured_weight": rt.cfg.weight,
-                "priority": rt.cfg.priority, "in_route": self._key(rt) in members, "pinned": self._key(rt) in pinned,
-                "rx_bytes": peer.rx_bytes if peer else None, "tx_bytes": peer.tx_bytes if peer else None,
-                "rx_rate": rt.rx_rate, "tx_rate": rt.tx_rate,
-                "last_handshake": peer.last_handshake if peer else None, "handshake_age_seconds": age,
-                "endpoint": f"{rt.endpoint[0]}:{rt.endpoint[1]}" if rt.endpoint else None,
-                "endpoint_configured": str(rt.cfg.endpoint), "endpoint_error": rt.endpoint_error,
-                "probe": str(rt.cfg.probe_target), "last_failure": rt.health.last_failure,
-                "probes_ok": rt.health.probes_ok, "probes_failed": rt.health.probes_failed,
-                "present": rt.present, "last_error": redact(rt.last_error) if rt.last_error else None,
-                "restarts": rt.restarts,
-                "congested": rt.congested, "late_replies": rt.late_replies,
-                "transitions": dict(rt.transitions),
-            })
+        tunnels = []
+        for t in self.runtimes():
+            key = self._key(t)  # as the decision knows it
+            # Shown under its own name, unless a tunnel of the config has it too (a draining one that a
+            # reload replaced by one of the same name on another interface).
+            shown = t.name if self.tunnels.get(t.name) in (t, None) else key
+            peer = t.status.peer if t.status else None
+            h = t.health
+            tunnels.append(TunnelStatus(
+                name=shown, interface=t.ifname, state=str(t.state), health=str(h.health), drained=t.drained,
+                removing=t.removing, since=wall - (now - h.since), for_seconds=now - h.since,
+                rtt_seconds=h.rtt_avg, rtt_last_seconds=h.rtt_last, loss=h.loss,
+                weight=t.cfg.weight if key in members else 0, configured_weight=t.cfg.weight, priority=t.cfg.priority,
+                in_route=key in members, pinned=key in pinned,
+                rx_bytes=peer.rx_bytes if peer else None, tx_bytes=peer.tx_bytes if peer else None,
+                rx_rate=t.rx_rate, tx_rate=t.tx_rate,
+                last_handshake=peer.last_handshake if peer else None, handshake_age_seconds=t.handshake_age(),
+                endpoint=f"{t.endpoint[0]}:{t.endpoint[1]}" if t.endpoint else None,
+                endpoint_configured=str(t.cfg.endpoint), endpoint_error=t.endpoint_error,
+                probe=str(t.cfg.probe_target), last_failure=h.last_failure,
+                probes_ok=h.probes_ok, probes_failed=h.probes_failed, present=t.present,
+                last_error=redact(t.last_error) if t.last_error else None, restarts=t.restarts,
+                congested=t.congested, late_replies=t.late_replies, transitions=dict(t.transitions),
+                rtt_counts=tuple(h.rtt_counts), rtt_sum=h.rtt_sum,
+            ))
         decision = self.decision
-        return {
-            "version": __version__, "pid": os.getpid(), "config": self.config_path, "backend": self.backend_name,
-            "mode": self.mode, "started": self.started_at, "ready": self.ready.is_set(),
-            "route": {
-                "prefixes": [str(p) for p in self.config.routing.prefixes],
-                "members": list(members), "tier": decision.tier if decision else None,
-                "unreachable": bool(decision and decision.unreachable),
-                "all_down": bool(decision and decision.all_down), "last_error": self.last_sync_error,
-            },
-            "reload": {"ok": self.last_reload_ok, "message": self.last_reload_message, "counts": dict(self.reloads)},
-            "tunnels": out,
-        }
+        return Status(
+            version=__version__, pid=os.getpid(), config=self.config_path, backend=self.backend_name,
+            mode=self.mode, started=self.started_at, ready=self.ready.is_set(),
+            route=RouteStatus(
+                prefixes=[str(p) for p in self.config.routing.prefixes], members=list(members),
+                tier=decision.tier if decision else None, unreachable=bool(decision and decision.unreachable),
+                all_down=bool(decision and decision.all_down), last_error=self.last_sync_error),
+            reload=ReloadStatus(ok=self.last_reload_ok, message=self.last_reload_message, counts=dict(self.reloads)),
+            tunnels=tunnels, repairs=dict(self.repairs),
+        )
 
 
 GROUP_ID_PROBE = 1002  # nexthop ids base+1002/1003: a short-lived probe for resilient group support
-
-
-async def cleanup(config: Config) -> list[str]:
-    """Remove what a hatun with CONFIG left in the kernel (after a crash, keep_on_exit, or a stop with
-    `when_all_down = "unreachable"`), whether or not it runs: routes (the fail-closed stubs too: this
-    opens the gate, the prefixes follow the main table again), rules, nexthops, nftables table, source
-    addresses, tunnel devices (their wireguard-go processes exit with them). Returns what was removed."""
-    from hatun.steering import Wanted
-
-    removed: list[str] = []
-    layout = Layout.from_routing(config.routing)
-    rundir = RunDir(config.run_dir)
-    try:
-        rundir.check()
-        state = rundir.load_state()
-    except RunDirError as e:
-        log.warning("%s: not trusting its state file (no sysctl restored, no source address removed)", e)
-        state = RunState()
-    async with open_rtnl() as rtnl:
-        links = await rtnl.links()
-        lo = next((l.index for l in links if l.name == "lo"), 1)
-        rec = Reconciler(rtnl, layout, lo)
-        # Only the source addresses a hatun recorded as its own (an address the host had is not).
-        rec.owned_addresses = {a for a in await rtnl.addresses(lo)
-                               if a.interface.ip in config.routing.source and str(a.interface.ip) in state.sources}
-        res = await rec.sync(Wanted())
-        removed += [what for _, what in res.changes]
-        pin = Pinning(config.routing.nft_table, config.routing.fwmark_mask)
-        if Pinning.available():
-            try:
-                if await pin.remove():
-                    removed.append(f"nftables table inet {config.routing.nft_table}")
-            except PinningError as e:
-                log.warning("%s", e)
-        kinds = {l.name: l.kind for l in links}
-        for t in config.tunnels:
-            if t.ifname not in kinds:
-                continue
-            # Only devices that can be hatun's: a bridge or a NIC of the same name is left alone.
-            if kinds[t.ifname] in ("wireguard", "tun"):
-                await rtnl.delete_link(t.ifname)
-                removed.append(f"device {t.ifname}")
-            else:
-                log.warning("not removing %s: it is a %s device, not a WireGuard device of hatun's", t.ifname,
-                            kinds[t.ifname] or "network")
-    # A wireguard-go left by a crash exits once its device is gone; its stale socket may remain.
-    for t in config.tunnels:
-        sock = f"/run/wireguard/{t.ifname}.sock"
-        try:
-            s = socket.socket(socket.AF_UNIX)
-            s.settimeout(1.0)  # a hung wireguard-go with a full backlog must not block this
-            try:
-                s.connect(sock)
-            finally:
-                s.close()
-        except ConnectionRefusedError:
-            os.unlink(sock)
-        except OSError:
-            pass
-    # Only the sysctls hatun sets, with integer values (load_state validates what the file says).
-    for key, value in state.sysctls.items():
-        try:
-            sysctl.write(value, *key.split("."))
-        except sysctl.SysctlError:
-            pass
-    rundir.remove_state()
-    return removed
-

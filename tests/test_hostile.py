@@ -14,7 +14,6 @@ import resource
 import signal
 import socket
 import subprocess
-import threading
 import time
 
 import pytest

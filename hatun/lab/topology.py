@@ -473,7 +473,7 @@ async def lab_down(name: str = "lab") -> list[str]:
 
 
 def _glob_sockets(name: str) -> list[str]:
-    d = "/run/wireguard"
+    from hatun.wireguard.uapi import SOCKET_DIR as d
     pattern = re.compile(rf"^hl{name}[gr]\d+\.sock$")
     try:
         return [os.path.join(d, f) for f in os.listdir(d) if pattern.match(f)]

@@ -10,7 +10,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
 from hatun.config import Config
-from hatun.steering import allocate_slots
+from hatun.layout import allocate_slots
 
 # Keys that decide where hatun's kernel objects live; changing them needs a restart.
 RESTART_ONLY = (

@@ -1,4 +1,4 @@
-"""The route reconciler: make the kernel hold exactly the objects of a `Wanted` (steering.render).
+"""The route reconciler: make the kernel hold exactly the rtnetlink objects of a `plan.Wanted`.
 
 It reads hatun's own objects back (recognised by route protocol, tables, rule protocol and nexthop
 id range), diffs them against what is wanted, and applies the difference: additions and
@@ -15,7 +15,8 @@ from dataclasses import dataclass, field
 
 from hatun.netlink.core import NetlinkError, NetlinkTimeout
 from hatun.netlink.rtnl import Address, Nexthop, Route, Rtnl, Rule
-from hatun.steering import GROUP_ID_OFFSET, Layout, Wanted
+from hatun.layout import Layout
+from hatun.plan import Wanted
 
 log = logging.getLogger("hatun.routes")
 
@@ -77,28 +78,17 @@ class Reconciler:
         # Source addresses hatun put on lo; others on lo are not ours to remove.
         self.owned_addresses: set[Address] = set()
 
-    def _our_table(self, table: int) -> bool:
-        return self.layout.table <= table <= self.layout.table + self.layout.max_slot
-
-    def _our_nexthop(self, nh_id: int) -> bool:
-        # Device nexthops, the two groups, and the pair the start-up uses to probe for resilient groups.
-        return self.layout.nexthop_id <= nh_id <= self.layout.nexthop_id + GROUP_ID_OFFSET + 3
-
-    def _our_rule(self, rule: Rule) -> bool:
-        # Protocol and priority: a second instance may use the same protocol with other priorities.
-        return rule.protocol == self.layout.protocol and \
-            self.layout.rule_priority <= rule.priority <= self.layout.rule_priority + 2
-
     async def read(self) -> Actual:
         """hatun's objects, read from the kernel."""
         proto = self.layout.protocol
         actual = Actual()
         for family in (socket.AF_INET, socket.AF_INET6):
             for r in await self.rtnl.routes(family, protocol=proto):
-                if self._our_table(r.table):
+                if r.table in self.layout.tables:
                     actual.routes.append(r)
-            actual.rules += [r for r in await self.rtnl.rules(family) if self._our_rule(r)]
-        actual.nexthops = {nh.id: nh for nh in await self.rtnl.nexthops() if self._our_nexthop(nh.id) and nh.protocol == proto}
+            actual.rules += [r for r in await self.rtnl.rules(family) if self.layout.owns_rule(r.protocol, r.priority)]
+        actual.nexthops = {nh.id: nh for nh in await self.rtnl.nexthops()
+                           if nh.id in self.layout.nexthop_ids and nh.protocol == proto}
         actual.addresses = [a for a in await self.rtnl.addresses(self.lo_index) if a in self.owned_addresses]
         return actual
 
@@ -178,24 +168,5 @@ class Reconciler:
 
     async def remove_all(self, keep: Wanted | None = None) -> SyncResult:
         """Delete every object of hatun's but those in KEEP (for a clean stop or `hatun down`; KEEP
-        is the fail-closed gate of `steering.fail_closed_gate`, which is added if it is missing)."""
+        is the fail-closed gate of `plan.fail_closed_gate`, which is added if it is missing)."""
         return await self.sync(keep or Wanted())
-
-
-def adopted_members(actual: Actual, layout: Layout, ifnames: dict[int, str], prefixes) -> set[str]:
-    """Names of the devices that carry the steered PREFIXES now (after a restart): the members of
-    hatun's nexthop groups, or the paths of its multipath routes. IFNAMES maps ifindex -> name."""
-    members: set[str] = set()
-    for gid in (layout.group(4), layout.group(6)):
-        group = actual.nexthops.get(gid)
-        for nh_id, _ in (group.group if group else ()):
-            nh = actual.nexthops.get(nh_id)
-            if nh is not None and nh.oif in ifnames:
-                members.add(ifnames[nh.oif])
-    for r in actual.routes:
-        if r.table == layout.table and r.type == "unicast" and r.nh_id is None and r.dst in prefixes:
-            for oif in [hop.oif for hop in r.multipath] + [r.oif]:
-                if oif in ifnames:
-                    members.add(ifnames[oif])
-    return members
-

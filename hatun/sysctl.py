@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import logging
 import os
+
+log = logging.getLogger("hatun")
 
 
 class SysctlError(OSError):
@@ -38,3 +41,34 @@ def write(value: str | int, *parts: str) -> bool:
     except OSError as e:
         raise SysctlError(f"cannot set {'.'.join(parts)} = {value}: {e.strerror}") from None
     return True
+
+
+def wanted_for(routing) -> list[tuple[str, tuple[str, ...]]]:
+    """The (value, key parts) hatun sets for the `[routing]` settings ROUTING (pure)."""
+    wanted: list[tuple[str, tuple[str, ...]]] = []
+    if routing.hash_policy != "keep":
+        value = "1" if routing.hash_policy == "l4" else "0"
+        wanted += [(value, ("net", "ipv4", "fib_multipath_hash_policy")),
+                   (value, ("net", "ipv6", "fib_multipath_hash_policy"))]
+    if routing.pin_flows:
+        # Reverse-path checks must see the mark that pins a flow to its tunnel.
+        wanted.append(("1", ("net", "ipv4", "conf", "all", "src_valid_mark")))
+    return wanted
+
+
+def apply(wanted: list[tuple[str, tuple[str, ...]]], saved: dict[str, str]) -> dict[str, str]:
+    """Set WANTED; returns SAVED plus the values they had before (what a stop restores), for the keys
+    hatun changed and had not saved yet. Failures are logged, never raised."""
+    saved = dict(saved)
+    for value, parts in wanted:
+        key = ".".join(parts)
+        try:
+            before = read(*parts)
+            if before is None:
+                continue
+            if write(value, *parts):
+                saved.setdefault(key, before)
+                log.info("set %s = %s (was %s)", key, value, before)
+        except SysctlError as e:
+            log.warning("%s", e)
+    return saved

@@ -18,10 +18,11 @@ from hatun import sysctl
 from hatun.config import Config
 from hatun.netlink.core import NetlinkError, NetlinkTimeout
 from hatun.netlink.rtnl import open_rtnl
-from hatun.pinning import Pinning, PinningError
-from hatun.routes import Reconciler
+from hatun.layout import Layout
+from hatun.pinning import Pinning
+from hatun.plan import Wanted
+from hatun.router import Router
 from hatun.rundir import RunDir, RunDirError, State as RunState
-from hatun.steering import Layout, Wanted
 from hatun.wireguard import uapi
 from hatun.wireguard.model import WireGuardError
 
@@ -30,27 +31,17 @@ log = logging.getLogger("hatun")
 SOCKET_CHECK_TIMEOUT = 1.0  # a hung wireguard-go with a full backlog must not hold `hatun down`
 
 
-async def remove_owned(reconciler: Reconciler, pinning: Pinning | None, *, gate: Wanted | None,
-                       devices: Sequence[str], delete_device: Callable[[str], Awaitable[bool]],
-                       sysctls: Mapping[str, str], rundir: RunDir) -> list[str]:
-    """Remove hatun's routes, rules, nexthops and source addresses (all but GATE), its nftables table
-    (PINNING), the DEVICES (each through DELETE_DEVICE, in parallel: each may wait for a process to
-    end; it returns whether it removed one), restore SYSCTLS and remove the state file. Failures are
-    logged and the rest goes on. Returns what was removed."""
-    removed: list[str] = []
-    try:
-        res = await reconciler.remove_all(gate)
-        removed += [what for _, what in res.changes]
-        for err in res.errors:
-            log.warning("clean-up: %s", err)
-    except (NetlinkError, NetlinkTimeout) as e:
-        log.error("clean-up of routes: %s", e)
-    if pinning is not None:
-        try:
-            if await pinning.remove():
-                removed.append(f"nftables table inet {pinning.table}")
-        except PinningError as e:
-            log.error("clean-up of nftables: %s", e)
+async def remove_owned(router: Router, *, gate: Wanted | None, devices: Sequence[str],
+                       delete_device: Callable[[str], Awaitable[bool]], sysctls: Mapping[str, str],
+                       rundir: RunDir) -> list[str]:
+    """Remove hatun's routes, rules, nexthops, source addresses and nftables table (all but GATE),
+    the DEVICES (each through DELETE_DEVICE, in parallel: each may wait for a process to end; it
+    returns whether it removed one), restore SYSCTLS and remove the state file. Failures are logged
+    and the rest goes on. Returns what was removed."""
+    res = await router.remove_all(gate)
+    removed = [what for _, what in res.changes]
+    for err in res.errors:
+        log.warning("clean-up: %s", err)
 
     async def delete(ifname: str) -> None:
         try:
@@ -88,10 +79,11 @@ async def cleanup(config: Config) -> list[str]:
     async with open_rtnl() as rtnl:
         links = await rtnl.links()
         lo = next((l.index for l in links if l.name == "lo"), 1)
-        rec = Reconciler(rtnl, layout, lo)
+        pinning = Pinning(config.routing.nft_table, config.routing.fwmark_mask) if Pinning.available() else None
+        router = Router(rtnl, layout, lo, pinning)
         # Only the source addresses a hatun recorded as its own (an address the host had is not).
-        rec.owned_addresses = {a for a in await rtnl.addresses(lo)
-                               if a.interface.ip in config.routing.source and str(a.interface.ip) in state.sources}
+        router.owned_addresses.update(a for a in await rtnl.addresses(lo)
+                                      if a.interface.ip in config.routing.source and str(a.interface.ip) in state.sources)
         kinds = {l.name: l.kind for l in links}
 
         async def delete_device(ifname: str) -> bool:
@@ -103,8 +95,7 @@ async def cleanup(config: Config) -> list[str]:
             await rtnl.delete_link(ifname)
             return True
 
-        pinning = Pinning(config.routing.nft_table, config.routing.fwmark_mask) if Pinning.available() else None
-        removed = await remove_owned(rec, pinning, gate=None, devices=[t.ifname for t in config.tunnels if t.ifname in kinds],
+        removed = await remove_owned(router, gate=None, devices=[t.ifname for t in config.tunnels if t.ifname in kinds],
                                      delete_device=delete_device, sysctls=state.sysctls, rundir=rundir)
     # A wireguard-go left by a crash exits once its device is gone; its stale socket may remain.
     for t in config.tunnels:

@@ -28,10 +28,12 @@ import trio
 from hatun import sysctl
 from hatun.config import Config, Tunnel
 from hatun.health import State, Suspect, Transition, TunnelHealth, display_state
+from hatun.keys import redact
 from hatun.netlink.core import NetlinkError, NetlinkTimeout
 from hatun.netlink.rtnl import Link, Rtnl
 from hatun.probes import ProbeEngine, ProbeStream
 from hatun.serving import RateLimitedLog
+from hatun.status import TunnelStatus
 from hatun.wireguard.model import DeviceSettings, DeviceStatus, PeerSettings, WireGuardError
 
 log = logging.getLogger("hatun")
@@ -535,7 +537,30 @@ class TunnelRunner:
         if self._removal_scope is not None:
             self._removal_scope.cancel()
 
-    # ------------------------------------------------------------ counters
+    # ------------------------------------------------------------ counters and status
+
+    def describe(self, name: str, *, in_route: bool, pinned: bool) -> TunnelStatus:
+        """This tunnel in the status, under NAME (see hatun/status.py); no secrets."""
+        now, wall = trio.current_time(), time.time()
+        peer = self.status.peer if self.status else None
+        h = self.health
+        return TunnelStatus(
+            name=name, interface=self.ifname, state=str(self.state), health=str(h.health), drained=self.drained,
+            removing=self.removing, since=wall - (now - h.since), for_seconds=now - h.since,
+            rtt_seconds=h.rtt_avg, rtt_last_seconds=h.rtt_last, loss=h.loss,
+            weight=self.cfg.weight if in_route else 0, configured_weight=self.cfg.weight, priority=self.cfg.priority,
+            in_route=in_route, pinned=pinned,
+            rx_bytes=peer.rx_bytes if peer else None, tx_bytes=peer.tx_bytes if peer else None,
+            rx_rate=self.rx_rate, tx_rate=self.tx_rate,
+            last_handshake=peer.last_handshake if peer else None, handshake_age_seconds=self.handshake_age(),
+            endpoint=f"{self.endpoint[0]}:{self.endpoint[1]}" if self.endpoint else None,
+            endpoint_configured=str(self.cfg.endpoint), endpoint_error=self.endpoint_error,
+            probe=str(self.cfg.probe_target), last_failure=h.last_failure,
+            probes_ok=h.probes_ok, probes_failed=h.probes_failed, present=self.present,
+            last_error=redact(self.last_error) if self.last_error else None, restarts=self.restarts,
+            congested=self.congested, late_replies=self.late_replies, transitions=dict(self.transitions),
+            rtt_counts=tuple(h.rtt_counts), rtt_sum=h.rtt_sum,
+        )
 
     def handshake_age(self) -> float | None:
         """Seconds since the last handshake, on Trio's (monotonic) clock; None: none seen."""

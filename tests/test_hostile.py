@@ -268,28 +268,25 @@ def test_frozen_wireguard_go_leaves_the_route_like_a_dead_path(lab_factory, hatu
 
 
 async def test_reload_is_not_cancelled_by_a_client_that_gives_up(autojump_clock):
-    from hatun.supervisor import Supervisor
+    from types import SimpleNamespace
+
+    from hatun.reloader import Reloader
 
     finished = []
 
-    class Slow(Supervisor):
-        def __init__(self):
-            self.config_path = "/nonexistent"
-            self._reload_lock = trio.Lock()
-            self._reload_running = None
-            self.stop_requested = trio.Event()
-
+    class Slow(Reloader):
         async def _reload(self, result):
-            async with self._reload_lock:
-                if self._reload_running is result:
-                    self._reload_running = None
+            async with self._lock:
+                if self._pending is result:
+                    self._pending = None
                 await trio.sleep(30)  # e.g. DNS endpoints that take long to resolve
                 finished.append(trio.current_time())
                 return True, "reloaded: ~gw1"
 
     async with trio.open_nursery() as nursery:
-        sup = Slow()
-        sup._nursery = nursery
+        sup = SimpleNamespace(config_path="/nonexistent", stop_requested=trio.Event(), nursery=nursery)
+        sup.reloader = Slow(sup)
+        sup.start_reload = sup.reloader.start
         with trio.move_on_after(control.CLIENT_TIMEOUT):  # a client with a short timeout
             reply = await control._command(sup, {"command": "reload"})
             assert False, reply

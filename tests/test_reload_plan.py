@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from hatun.reload import ReloadPlan, Revive, RunningTunnel, plan_reload
-from hatun.steering import FIRST_SLOT
+from hatun.layout import FIRST_SLOT
 from tests.fakes import make_config
 
 KEYS = {n: f"key-{n}" for n in ("gw1", "gw2", "gw3", "gw9")}

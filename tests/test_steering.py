@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 
 from hatun.health import State, TunnelHealth, display_state
-from hatun.steering import Layout, Member, TunnelView, allocate_slots, decide
+from hatun.layout import Layout, allocate_slots
+from hatun.steering import Member, TunnelView, decide
 
 U, D, I = State.UP, State.DOWN, State.INIT
 
@@ -164,11 +165,12 @@ def _render_case(fail_closed: bool, mode: str, members: tuple[str, ...]):
     import ipaddress
 
     from hatun.netlink.rtnl import Resilient
-    from hatun.steering import Decision, RenderTunnel, render
+    from hatun.plan import RenderTunnel, render
+    from hatun.steering import Decision
 
     lay = Layout(table=51820, rule_priority=5200, protocol=147, nexthop_id=518200000, fwmark_mask=0x00FF0000)
     net = ipaddress.ip_network
-    tunnels = [RenderTunnel(n, slot, 10 + slot, (net(f"198.18.{100 + slot}.0/30"),),
+    tunnels = [RenderTunnel(n, slot, 10 + slot, f"hat-{n}", (net(f"198.18.{100 + slot}.0/30"),),
                             {4: ipaddress.ip_address(f"198.18.{100 + slot}.1"), 6: ipaddress.ip_address(f"2001:2:0:{100 + slot}::1")})
                for n, slot in (("a", 2), ("b", 3))]
     decision = Decision(tuple(Member(n, f"hat-{n}", {"a": 2, "b": 3}[n], 1) for n in members), members,
@@ -190,7 +192,7 @@ def test_render_fail_closed_stub_beside_the_real_route(mode, members, fail_close
     "keep" there is none, and only an empty member set gives an unreachable route."""
     import socket
 
-    from hatun.steering import FAIL_CLOSED_METRIC
+    from hatun.layout import FAIL_CLOSED_METRIC
 
     lay, prefixes, wanted = _render_case(fail_closed, mode, members)
     assert FAIL_CLOSED_METRIC > 1024
@@ -221,7 +223,8 @@ def test_render_fail_closed_stub_beside_the_real_route(mode, members, fail_close
 def test_fail_closed_gate_is_what_render_keeps():
     """The gate kept after a stop: exactly the stubs and the steering rules of render's output, so a
     restarted hatun adopts it unchanged (the reconciler sees wanted objects) and nothing else stays."""
-    from hatun.steering import FAIL_CLOSED_METRIC, fail_closed_gate
+    from hatun.layout import FAIL_CLOSED_METRIC
+    from hatun.plan import fail_closed_gate
 
     lay, prefixes, wanted = _render_case(True, "resilient", ("a", "b"))
     gate = fail_closed_gate(prefixes, lay)

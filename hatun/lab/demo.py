@@ -22,6 +22,7 @@ from hatun.lab.process import HatunProcess
 from hatun.lab.services import gateway_of
 from hatun.lab.traffic import udp_socket
 from hatun.render import status_text
+from hatun.status import Status
 
 PACKET = struct.Struct("!Id")
 
@@ -168,7 +169,7 @@ async def run_demo(show: Callable[[str], None], *, name: str = "demo", duration:
                     status = None
                     event(f"hatun does not answer: {e}")
                 by, lost = live.roll()
-                frame = [status_text(status) if status else "(no status)", "", _traffic_line(by, lost, live), "",
+                frame = [status_text(Status.from_json(status)) if status else "(no status)", "", _traffic_line(by, lost, live), "",
                          "events:", *events, "", f"demo: {elapsed:.0f} of {duration:.0f} s; Ctrl-C ends it early"]
                 show("\n".join(frame))
             nursery.cancel_scope.cancel()

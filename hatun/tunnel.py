@@ -1,4 +1,5 @@
-"""One tunnel at run time: its device, endpoint, probes, congestion guard, session kicks and counters.
+"""One tunnel at run time: its device, endpoint, probes, session kicks; its verdicts come from a
+`detector.FailureDetector`, its counters from a `counters.DeviceCounters`.
 
 A `TunnelRunner` owns everything that belongs to one tunnel, in one nursery of its own:
 
@@ -6,7 +7,7 @@ A `TunnelRunner` owns everything that belongs to one tunnel, in one nursery of i
                                                      ├─ probes   pinned to the device
                                                      ├─ resolver DNS endpoints
                                                      ├─ kicks    a fresh handshake while down and silent
-                                                     └─ congestion checks (short tasks)
+                                                     └─ congestion checks (the detector's short tasks)
 
 It reports upward only through the `TunnelEnv.poke` callback ("look again"): the supervisor reads
 its verdict (`health`, `drained`, `present`...) when it decides the route. Cancelling the runner
@@ -27,7 +28,9 @@ import trio
 
 from hatun import sysctl
 from hatun.config import Config, Tunnel
-from hatun.health import State, Suspect, Transition, TunnelHealth, display_state
+from hatun.counters import DeviceCounters
+from hatun.detector import FailureDetector
+from hatun.health import State, Transition, TunnelHealth, display_state
 from hatun.keys import redact
 from hatun.netlink.core import NetlinkError, NetlinkTimeout
 from hatun.netlink.rtnl import Link, Rtnl
@@ -41,17 +44,6 @@ log = logging.getLogger("hatun")
 MAX_BACKOFF = 10.0  # a failing tunnel is retried at least this often
 RESOLVE_RETRY = 10.0  # a DNS endpoint of a down tunnel is resolved again this often
 KICK_INTERVAL = 3.0  # a down tunnel with a silent peer gets a fresh handshake this often
-# The congestion guard (see `_confirm_down`): a tunnel whose probes fail while more than this
-# arrives through it may be congested rather than dead; it stays in service for CONGESTION_GRACE
-# seconds waiting for any probe reply (on time or late) that proves the way out works too.
-# The counter is the device's own (decrypted packets delivered to the host: WireGuard keepalives are
-# not counted), and the window between the first failure and the verdict may be only tens of ms,
-# so a few hundred bytes already mean traffic.
-CONGESTION_RX_BYTES = 256
-CONGESTION_GRACE = 2.0
-COUNTER_TIMEOUT = 0.5  # reading a device's counters; one that does not answer by then gives no evidence
-DEVICE_READ_TIMEOUT = 1.0  # one device's counters for status and metrics (a hung wireguard-go costs this)
-IDLE_FOR = 2.0  # a removed tunnel counts as idle after this long without user traffic
 
 
 @dataclass
@@ -91,8 +83,9 @@ class TunnelRunner:
         self.key = key  # PrivateKey
         self.slot = slot
         h = config.health_for(cfg)
-        self.health = TunnelHealth(cfg.name, h.rise, h.fall, now)
-        self.health.confirm_failures = True
+        self.detector = FailureDetector(cfg.name, h.rise, h.fall, now, link_rx=self._link_rx, spawn=self._spawn,
+                                        on_transition=self._on_transition)
+        self.counters = DeviceCounters(env.backend, cfg.ifname, cfg.name)
         self.interval, self.timeout, self.jitter = h.interval, h.timeout, h.jitter
         self.handshake_timeout = h.handshake_timeout
         self.started_at = now
@@ -103,32 +96,21 @@ class TunnelRunner:
         self.link_up = False
         self.endpoint: tuple[str, int] | None = None
         self.endpoint_error: str | None = None
-        self.status: DeviceStatus | None = None
-        self.status_at: float | None = None  # when `status` was read (trio clock)
-        self.rate_sample: tuple[float, int, int] | None = None  # (time, rx, tx) the rates are measured from
-        self.rx_rate = self.tx_rate = 0.0
         self.last_error: str | None = None
         self.restarts = 0
         self.transitions: Counter = Counter()
-        self.congested = 0  # probe failures that traffic showed to be congestion
-        self.late_replies = 0  # replies to probes that had already timed out
-        # The last handshake as WireGuard reports it (wall clock), and when it happened on Trio's clock:
-        # ages come from the latter, so a step of the wall clock does not age every handshake at once.
-        self.hs_wall: float | None = None
-        self.hs_at: float | None = None
         self.done = trio.Event()  # set once `serve` has ended
         self._scope: trio.CancelScope | None = None
         self._nursery: trio.Nursery | None = None
         self._probe_scope: trio.CancelScope | None = None
         self._probe_stream: ProbeStream | None = None
-        self._status_reading: trio.Event | None = None  # set when the device read in progress ends
         self._device_event = trio.Event()
         self._went_down = trio.Event()
-        self._rx_baseline: int | None = None  # rx bytes (link counter) at the first failure of the current series
-        self._rx_baseline_ready: trio.Event | None = None
-        self._evidence = trio.Event()  # set on any probe reply (late ones too)
-        self._congestion_logged = False
         self._removal_scope: trio.CancelScope | None = None
+
+    @property
+    def health(self) -> TunnelHealth:
+        return self.detector.health
 
     @property
     def name(self) -> str:
@@ -184,9 +166,7 @@ class TunnelRunner:
                     backoff = 0.5
                 log.error("%s: %s; restarting this tunnel in %.1f s", self.name, self.last_error, backoff,
                           exc_info=log.isEnabledFor(logging.DEBUG))
-                transition = self.health.fail_now(trio.current_time(), self.last_error)
-                if transition is not None:
-                    self._on_transition(transition)
+                self.detector.fail_now(self.last_error)
                 await trio.sleep(backoff)
                 backoff = min(backoff * 2, MAX_BACKOFF)
 
@@ -317,7 +297,8 @@ class TunnelRunner:
                 await self.read_status()
                 # Silent: no handshake since it went down. A down tunnel with fresh handshakes (its
                 # probe target is down, not its path) keeps its session.
-                if self.hs_at is None or self.hs_at < self.health.since:
+                hs_at = self.counters.hs_at
+                if hs_at is None or hs_at < self.health.since:
                     log.debug("%s: no reply and no fresh handshake: starting a new session", self.name)
                     try:
                         await self.env.backend.reset_peer(self.device_settings())
@@ -371,7 +352,7 @@ class TunnelRunner:
         while True:
             probe = self.cfg.probe_target
             stream = ProbeStream(self.name, interval=self.interval, timeout=self.timeout, jitter=self.jitter,
-                                 on_result=self._on_probe, on_late=self._on_late_reply,
+                                 on_result=self.detector.on_probe, on_late=self.detector.on_late_reply,
                                  rtt_hint=lambda: self.health.rtt_avg)
             with trio.CancelScope() as scope:
                 self._probe_scope = scope
@@ -383,65 +364,19 @@ class TunnelRunner:
                         probes.add_tcp(stream, probe.host, probe.port, self.ifname)
                     await trio.sleep_forever()
                 except OSError as e:
-                    self._on_probe(False, None, f"cannot probe: {e.strerror or e}")
+                    self.detector.on_probe(False, None, f"cannot probe: {e.strerror or e}")
                     await trio.sleep(max(self.interval, 1.0))
                 finally:
                     probes.remove(stream)
                     self._probe_stream = None
             self._probe_scope = None
 
-    def _on_probe(self, ok: bool, rtt: float | None, reason: str | None) -> None:
-        health = self.health
-        was_suspect = health.suspect
-        result = health.record(ok, trio.current_time(), rtt=rtt, reason=reason)
-        if ok:
-            self._note_evidence()
-            if was_suspect:
-                self._congested("a probe was answered again")
-            if health.successes >= health.rise:
-                self._congestion_logged = False
-        if ok or (result is not None and not isinstance(result, Suspect)):
-            self._rx_baseline, self._rx_baseline_ready = None, None
-        if result is None:
-            # The first failure of an up tunnel: note how much it has received, in case its probes
-            # go on failing while traffic still flows in (congestion, not a dead path).
-            if not ok and health.failures == 1 and health.health is State.UP:
-                self._rx_baseline_ready = trio.Event()
-                self._spawn("congestion check", self._note_rx_baseline, self._rx_baseline_ready)
-        elif isinstance(result, Suspect):
-            self._spawn("congestion check", self._confirm_down)
-        else:
-            self._on_transition(result)
-
     def check_handshake(self) -> None:
         """A handshake that is stale (or never came) counts as a failed probe."""
         if not self.present:
             return
-        age = self.handshake_age()
-        alive_for = trio.current_time() - self.started_at
-        if age is None and alive_for > self.handshake_timeout:
-            self._on_probe(False, None, f"no handshake in {alive_for:.0f} s")
-        elif age is not None and age > self.handshake_timeout:
-            self._on_probe(False, None, f"handshake stale ({age:.0f} s old)")
-
-    def _on_late_reply(self, rtt: float) -> None:
-        """A reply to a probe that had already timed out: the path works both ways, only slowly."""
-        self.late_replies += 1
-        self._note_evidence()
-        if self.health.suspect:
-            self.health.clear_suspect()
-            self._congested(f"a late reply came after {rtt * 1000:.0f} ms")
-
-    def _note_evidence(self) -> None:
-        self._evidence.set()
-        self._evidence = trio.Event()
-
-    def _congested(self, why: str) -> None:
-        self.congested += 1
-        if not self._congestion_logged:
-            self._congestion_logged = True
-            log.info("%s: %d probes lost, but %s: congested, not down (logged once until it recovers)",
-                     self.name, self.health.fall, why)
+        self.detector.check_handshake(self.handshake_age(), trio.current_time() - self.started_at,
+                                      self.handshake_timeout)
 
     async def _link_rx(self) -> int | None:
         """Bytes the tunnel received (decrypted), from the kernel's counters of its device: a netlink
@@ -449,55 +384,12 @@ class TunnelRunner:
         index = self.ifindex
         if index is None:
             return None
-        with trio.move_on_after(COUNTER_TIMEOUT):
-            try:
-                link = await self.env.rtnl.link(index)
-            except (NetlinkError, NetlinkTimeout) as e:
-                log.debug("%s: reading counters: %s", self.name, e)
-                return None
-            return link.rx_bytes if link is not None and link.name == self.ifname else None
-        return None
-
-    async def _note_rx_baseline(self, ready: trio.Event) -> None:
         try:
-            value = await self._link_rx()
-            if self._rx_baseline_ready is ready:
-                self._rx_baseline = value
-        finally:
-            ready.set()
-
-    async def _confirm_down(self) -> None:
-        """`fall` probes failed on an up tunnel: is it dead, or only congested (a saturated tunnel or
-        CPU, where moving its flows would break them at the gateways' NAT)?
-
-        - Nothing arrived through it since the first failure (its receive counter, read from the
-          kernel, did not grow by more than CONGESTION_RX_BYTES; or the device did not answer): dead
-          (a blackholed path, a dead gateway, a frozen wireguard-go). Down now.
-        - Traffic still arrives: the way in works, the way out is unproven. It stays in service for
-          up to CONGESTION_GRACE seconds, and stays for good if any probe reply comes meanwhile (a
-          new one, or a late reply to a probe that timed out). Without one, the way out is broken
-          (a one-way failure): down.
-        """
-        ready = self._rx_baseline_ready
-        if ready is not None:
-            with trio.move_on_after(COUNTER_TIMEOUT):
-                await ready.wait()
-        baseline, now_rx = self._rx_baseline, await self._link_rx()
-        received = now_rx - baseline if now_rx is not None and baseline is not None and now_rx >= baseline else 0
-        if not self.health.suspect:
-            return  # a reply came meanwhile
-        note = ""
-        if received > CONGESTION_RX_BYTES:
-            with trio.move_on_after(CONGESTION_GRACE):
-                while self.health.suspect:
-                    await self._evidence.wait()
-            if not self.health.suspect:
-                return  # a reply came: congested (logged by whoever cleared it)
-            note = (f"; {received} bytes arrived meanwhile but no probe came back within"
-                    f" {CONGESTION_GRACE:g} s more: the way to the gateway is broken")
-        transition = self.health.confirm_down(trio.current_time(), note)
-        if transition is not None:
-            self._on_transition(transition)
+            link = await self.env.rtnl.link(index)
+        except (NetlinkError, NetlinkTimeout) as e:
+            log.debug("%s: reading counters: %s", self.name, e)
+            return None
+        return link.rx_bytes if link is not None and link.name == self.ifname else None
 
     def _on_transition(self, tr: Transition) -> None:
         self.presumed_up = False
@@ -527,7 +419,7 @@ class TunnelRunner:
         self.env.poke()
         with trio.CancelScope() as scope:
             self._removal_scope = scope
-            await self.wait_idle(limit)
+            await self.counters.wait_idle(limit, self.interval)
         self._removal_scope = None
         return not scope.cancelled_caught
 
@@ -542,7 +434,8 @@ class TunnelRunner:
     def describe(self, name: str, *, in_route: bool, pinned: bool) -> TunnelStatus:
         """This tunnel in the status, under NAME (see hatun/status.py); no secrets."""
         now, wall = trio.current_time(), time.time()
-        peer = self.status.peer if self.status else None
+        c = self.counters
+        peer = c.status.peer if c.status else None
         h = self.health
         return TunnelStatus(
             name=name, interface=self.ifname, state=str(self.state), health=str(h.health), drained=self.drained,
@@ -551,88 +444,25 @@ class TunnelRunner:
             weight=self.cfg.weight if in_route else 0, configured_weight=self.cfg.weight, priority=self.cfg.priority,
             in_route=in_route, pinned=pinned,
             rx_bytes=peer.rx_bytes if peer else None, tx_bytes=peer.tx_bytes if peer else None,
-            rx_rate=self.rx_rate, tx_rate=self.tx_rate,
+            rx_rate=c.rx_rate, tx_rate=c.tx_rate,
             last_handshake=peer.last_handshake if peer else None, handshake_age_seconds=self.handshake_age(),
             endpoint=f"{self.endpoint[0]}:{self.endpoint[1]}" if self.endpoint else None,
             endpoint_configured=str(self.cfg.endpoint), endpoint_error=self.endpoint_error,
             probe=str(self.cfg.probe_target), last_failure=h.last_failure,
             probes_ok=h.probes_ok, probes_failed=h.probes_failed, present=self.present,
             last_error=redact(self.last_error) if self.last_error else None, restarts=self.restarts,
-            congested=self.congested, late_replies=self.late_replies, transitions=dict(self.transitions),
+            congested=self.detector.congested, late_replies=self.detector.late_replies,
+            transitions=dict(self.transitions),
             rtt_counts=tuple(h.rtt_counts), rtt_sum=h.rtt_sum,
         )
 
     def handshake_age(self) -> float | None:
-        """Seconds since the last handshake, on Trio's (monotonic) clock; None: none seen."""
-        return None if self.hs_at is None else max(0.0, trio.current_time() - self.hs_at)
+        """Seconds since the last handshake (monotonic clock); None: none seen."""
+        return self.counters.handshake_age()
 
     async def read_status(self, max_age: float = 0.0) -> DeviceStatus | None:
-        """Fresh counters of the device (kept as `status`); updates its rates and handshake time.
-        Never raises. MAX_AGE > 0: counters read that recently are fresh enough (a client that polls
-        status in a tight loop must not turn each poll into a device read per tunnel). A read already
-        under way is joined rather than repeated."""
-        if max_age > 0 and self.status_at is not None and trio.current_time() - self.status_at < max_age:
-            return self.status
-        if self._status_reading is not None:
-            await self._status_reading.wait()
-            return self.status
-        self._status_reading = reading = trio.Event()
-        try:
-            try:
-                status = await self.env.backend.get(self.ifname, with_link=False, timeout=DEVICE_READ_TIMEOUT)
-            except (WireGuardError, OSError) as e:
-                # A read that failed (a busy or hung device, EMFILE) says nothing about the
-                # handshake: what was last read stays, and its age keeps counting.
-                log.debug("%s: %s", self.name, e)
-            else:
-                self._note_status(status)
-        finally:
-            self._status_reading = None
-            reading.set()
-        return self.status
-
-    @property
-    def reading_status(self) -> bool:
-        return self._status_reading is not None
-
-    def _note_status(self, status: DeviceStatus | None) -> None:
-        now = trio.current_time()
-        previous_read = self.status_at
-        self.status, self.status_at = status, now
-        peer = status.peer if status is not None else None
-        if peer is None or peer.last_handshake is None:
-            self.hs_wall = self.hs_at = None
-        elif peer.last_handshake != self.hs_wall:
-            # A new handshake. Its age comes from the wall clock (that is what WireGuard reports),
-            # but it happened after our previous read, so it is never older than that.
-            age = max(0.0, time.time() - peer.last_handshake)
-            if previous_read is not None and self.hs_wall is not None:
-                age = min(age, now - previous_read)
-            self.hs_wall, self.hs_at = peer.last_handshake, now - age
-        if peer is None:
-            self.rate_sample = None
-            self.rx_rate = self.tx_rate = 0.0
-        elif self.rate_sample is None or peer.rx_bytes < self.rate_sample[1] or peer.tx_bytes < self.rate_sample[2]:
-            self.rate_sample = (now, peer.rx_bytes, peer.tx_bytes)  # first sample, or a new device
-        elif now - self.rate_sample[0] >= 0.5:
-            dt = now - self.rate_sample[0]
-            self.rx_rate = (peer.rx_bytes - self.rate_sample[1]) / dt
-            self.tx_rate = (peer.tx_bytes - self.rate_sample[2]) / dt
-            self.rate_sample = (now, peer.rx_bytes, peer.tx_bytes)
-
-    async def wait_idle(self, limit: float) -> None:
-        """Wait until the tunnel carries nothing but probes (no growth beyond them for IDLE_FOR s), at most LIMIT."""
-        with trio.move_on_after(limit):
-            quiet_since = trio.current_time()
-            last = None
-            while trio.current_time() - quiet_since < IDLE_FOR:
-                status = await self.read_status()
-                tx = status.peer.tx_bytes if status and status.peer else 0
-                # Probes are ~ 100 bytes per interval; more than that is user traffic.
-                if last is not None and tx - last > 400 * max(1.0, 0.25 / self.interval):
-                    quiet_since = trio.current_time()
-                last = tx
-                await trio.sleep(0.25)
+        """Fresh counters of the device (see counters.DeviceCounters.read). Never raises."""
+        return await self.counters.read(max_age)
 
 
 async def refresh_statuses(tunnels: list[TunnelRunner], max_age: float, deadline: float) -> None:

@@ -8,6 +8,7 @@ import trio
 from hatun.control import STATUS_MAX_AGE
 from hatun.tunnel import refresh_statuses
 from hatun.wireguard.model import DeviceStatus, PeerStatus
+from hatun.counters import DeviceCounters
 from tests.fakes import make_runner
 
 
@@ -29,7 +30,7 @@ async def test_status_polls_within_max_age_reuse_the_last_read(autojump_clock):
         await rt.read_status(max_age=STATUS_MAX_AGE)
         await trio.sleep(0.01)
     assert 2 <= backend.reads <= 0.5 / STATUS_MAX_AGE + 1
-    assert rt.status.peer.rx_bytes == 1000 * backend.reads
+    assert rt.counters.status.peer.rx_bytes == 1000 * backend.reads
 
 
 async def test_without_max_age_every_call_reads_the_device(autojump_clock):
@@ -63,9 +64,9 @@ async def test_refresh_reads_all_devices_at_once_under_one_deadline(autojump_clo
         for _ in range(2):
             nursery.start_soon(refresh_statuses, runtimes, 1.0, 2.0)
     assert trio.current_time() - start == 2.0  # the autojump clock: exact
-    assert all(rt.status is not None for rt in runtimes if rt.name != "stuck")
+    assert all(rt.counters.status is not None for rt in runtimes if rt.name != "stuck")
     assert backend.reads == {"hat-a": 1, "hat-b": 1, "hat-stuck": 1, "hat-c": 1}
-    assert not runtimes[2].reading_status  # the cancelled read left nothing behind
+    assert not runtimes[2].counters.reading  # the cancelled read left nothing behind
     await refresh_statuses(runtimes, 5.0, 2.0)  # reads younger than max_age (5 s here): reused
     assert backend.reads["hat-a"] == 1
 
@@ -83,27 +84,27 @@ class HandshakeBackend:
 async def test_handshake_age_ignores_wall_clock_steps(autojump_clock, monkeypatch):
     """A forward step of the wall clock by minutes does not age a handshake (issue 12, item 9): the
     age runs on the monotonic clock from when the handshake was seen."""
-    import hatun.tunnel as tunnel
+    import hatun.counters
 
     wall = [1_800_000_000.0]
-    monkeypatch.setattr(tunnel.time, "time", lambda: wall[0] + trio.current_time())
+    monkeypatch.setattr(hatun.counters.time, "time", lambda: wall[0] + trio.current_time())
     backend = HandshakeBackend()
-    rt = make_runner(backend=backend)
-    age = rt.handshake_age
+    counters = DeviceCounters(backend, "hat-gw1", "gw1")
+    age = counters.handshake_age
     backend.handshake = wall[0] + trio.current_time() - 5.0  # 5 s ago
-    await rt.read_status()
+    await counters.read()
     assert age() == 5.0
     await trio.sleep(10)
     wall[0] += 600  # the clock steps 10 minutes forward
-    await rt.read_status()
+    await counters.read()
     assert age() == 15.0  # unchanged handshake: aged by the monotonic clock only
     backend.handshake = wall[0] + trio.current_time() - 1.0  # a new handshake, seen after the step
     await trio.sleep(3)
     wall[0] += 900  # and a step between it and our read: bounded by our previous read (3 s ago)
-    await rt.read_status()
+    await counters.read()
     assert age() == 3.0
     wall[0] -= 3600  # backwards: a handshake "in the future" has age 0, never negative
     backend.handshake = wall[0] + trio.current_time() + 100
     await trio.sleep(1)
-    await rt.read_status()
+    await counters.read()
     assert age() == 0.0

@@ -103,7 +103,7 @@ async def test_congestion_guard_keeps_a_tunnel_that_receives_and_answers_late(au
         await trio.sleep(0.5)
         assert runner.health.health is State.UP and runner.health.suspect
         stream.on_late(0.8)  # the way out works too, slowly
-        assert runner.health.health is State.UP and not runner.health.suspect and runner.congested == 1
+        assert runner.health.health is State.UP and not runner.health.suspect and runner.detector.congested == 1
         runner.stop()
 
 

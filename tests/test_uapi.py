@@ -180,6 +180,13 @@ def test_diff_lines(wanted, current, lines, changed):
     assert uapi.diff_lines(wanted, current) == (lines, changed)
 
 
+def test_reset_peer_removes_and_adds_it_in_one_request():
+    lines, changed = uapi.diff_lines(S, status_of(S), reset_peer=True)
+    assert lines == [f"public_key={PEER.hex}", "remove=true", f"public_key={PEER.hex}", "endpoint=198.18.0.2:51820",
+                     "replace_allowed_ips=true", "allowed_ip=198.18.101.0/30", "allowed_ip=fd00::/64"]
+    assert changed == {"peer", "endpoint", "allowed_ips"}
+
+
 def test_describe_errno():
     assert uapi.describe_errno(-22) == "errno=-22 (EINVAL: Invalid argument)"
     assert uapi.describe_errno(-99999) == "errno=-99999"

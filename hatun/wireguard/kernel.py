@@ -52,7 +52,8 @@ from hatun.wireguard.model import (
     PeerStatus,
     WireGuardError,
 )
-from hatun.wireguard.userspace import check_ifname
+from hatun.wireguard.diff import diff_device
+from hatun.wireguard.model import check_ifname
 
 log = logging.getLogger("hatun.wireguard")
 
@@ -110,75 +111,46 @@ def _allowed_ips(networks: Sequence[IPNetwork]) -> list[dict]:
                        ("WGALLOWEDIP_A_CIDR_MASK", n.prefixlen)]} for n in networks]
 
 
-def _same_endpoint(a: tuple[str, int] | None, b: tuple[str, int] | None) -> bool:
-    if a is None or b is None:
-        return a is b
-    return ipaddress.ip_address(a[0]) == ipaddress.ip_address(b[0]) and a[1] == b[1]
-
-
 def diff_messages(wanted: DeviceSettings, current: DeviceStatus | None, *,
                   reset_peer: bool = False) -> tuple[list[wgmsg], set[str]]:
-    """The WG_CMD_SET_DEVICE messages that make CURRENT match WANTED, and the names of what they change.
-
-    The kernel twin of `uapi.diff_lines`, with the same rules and names: private_key (compared
-    through its public key), listen_port (only when configured), fwmark, peer (added, or other
-    peers removed), endpoint (never removed), keepalive, allowed_ips (replaced as a whole, with
-    WGPEER_F_REPLACE_ALLOWEDIPS, only when the set differs). Nothing differs: no message at all.
-    More than ALLOWEDIPS_PER_MESSAGE allowed IPs continue in further messages (without the flag).
-    RESET_PEER: remove the wanted peer too and add it afresh, in the same message (the kernel
-    handles a message's peers in order), which drops its session without a moment without peer.
-    """
-    ifname = wanted.ifname
+    """The WG_CMD_SET_DEVICE messages that make CURRENT match WANTED, and the names of what they
+    change: `diff.diff_device`, encoded for the kernel (nothing differs: no message at all). Allowed
+    IPs are replaced with WGPEER_F_REPLACE_ALLOWEDIPS; more than ALLOWEDIPS_PER_MESSAGE continue in
+    further messages (without the flag). The kernel handles a message's peers in order, so a peer
+    removed and added again in one message (RESET_PEER) is never missing."""
+    d = diff_device(wanted, current, reset_peer=reset_peer)
     device: list = []
-    changed: set[str] = set()
-    if current is None or current.public_key != wanted.private_key.public_key:
-        device.append(("WGDEVICE_A_PRIVATE_KEY", wanted.private_key.base64))  # pyroute2 wants base64
-        changed.add("private_key")
-    if wanted.listen_port is not None and (current is None or current.listen_port != wanted.listen_port):
-        device.append(("WGDEVICE_A_LISTEN_PORT", wanted.listen_port))
-        changed.add("listen_port")
-    if wanted.fwmark != (current.fwmark if current else 0):
-        device.append(("WGDEVICE_A_FWMARK", wanted.fwmark))
-        changed.add("fwmark")
-
-    want = wanted.peer
-    peers: list[dict] = []
-    have: PeerStatus | None = None
-    for p in current.peers if current else ():
-        if p.public_key == want.public_key and not reset_peer:
-            have = p
-        else:  # one device, one peer: anything else was not configured by us
-            peers.append({"attrs": [("WGPEER_A_PUBLIC_KEY", p.public_key.base64),
-                                    ("WGPEER_A_FLAGS", WGPEER_F_REMOVE_ME)]})
-            changed.add("peer")
-    if have is None:
-        changed.add("peer")
-    attrs: list = []
-    if want.endpoint is not None and not _same_endpoint(want.endpoint, have.endpoint if have else None):
-        addr = str(ipaddress.ip_address(want.endpoint[0]))  # pyroute2 picks the family by a ':'
-        attrs.append(("WGPEER_A_ENDPOINT", {"addr": addr, "port": want.endpoint[1]}))
-        changed.add("endpoint")
-    if want.keepalive != (have.keepalive if have else 0):
-        attrs.append(("WGPEER_A_PERSISTENT_KEEPALIVE_INTERVAL", want.keepalive))
-        changed.add("keepalive")
+    if d.private_key is not None:
+        device.append(("WGDEVICE_A_PRIVATE_KEY", d.private_key.base64))  # pyroute2 wants base64
+    if d.listen_port is not None:
+        device.append(("WGDEVICE_A_LISTEN_PORT", d.listen_port))
+    if d.fwmark is not None:
+        device.append(("WGDEVICE_A_FWMARK", d.fwmark))
+    peers: list[dict] = [{"attrs": [("WGPEER_A_PUBLIC_KEY", key.base64), ("WGPEER_A_FLAGS", WGPEER_F_REMOVE_ME)]}
+                         for key in d.remove_peers]
     chunks: list[list[IPNetwork]] = []
-    if set(want.allowed_ips) != set(have.allowed_ips if have else ()):
-        ips = list(dict.fromkeys(want.allowed_ips))
-        chunks = [ips[i:i + ALLOWEDIPS_PER_MESSAGE] for i in range(0, len(ips), ALLOWEDIPS_PER_MESSAGE)]
-        attrs.append(("WGPEER_A_FLAGS", WGPEER_F_REPLACE_ALLOWEDIPS))
-        if chunks:
-            attrs.append(("WGPEER_A_ALLOWEDIPS", _allowed_ips(chunks[0])))
-        changed.add("allowed_ips")
-    if attrs or have is None:
-        peers.append({"attrs": [("WGPEER_A_PUBLIC_KEY", want.public_key.base64), *attrs]})
-
+    if d.peer is not None:
+        attrs: list = [("WGPEER_A_PUBLIC_KEY", d.peer.base64)]
+        if d.endpoint is not None:
+            addr = str(ipaddress.ip_address(d.endpoint[0]))  # pyroute2 picks the family by a ':'
+            attrs.append(("WGPEER_A_ENDPOINT", {"addr": addr, "port": d.endpoint[1]}))
+        if d.keepalive is not None:
+            attrs.append(("WGPEER_A_PERSISTENT_KEEPALIVE_INTERVAL", d.keepalive))
+        if d.allowed_ips is not None:
+            ips = list(d.allowed_ips)
+            chunks = [ips[i:i + ALLOWEDIPS_PER_MESSAGE] for i in range(0, len(ips), ALLOWEDIPS_PER_MESSAGE)]
+            attrs.append(("WGPEER_A_FLAGS", WGPEER_F_REPLACE_ALLOWEDIPS))
+            if chunks:
+                attrs.append(("WGPEER_A_ALLOWEDIPS", _allowed_ips(chunks[0])))
+        peers.append({"attrs": attrs})
     if peers:
         device.append(("WGDEVICE_A_PEERS", peers))
+    ifname = wanted.ifname
     messages = [_message(WG_CMD_SET_DEVICE, ifname, device)] if device else []
     for chunk in chunks[1:]:
-        peer = [("WGPEER_A_PUBLIC_KEY", want.public_key.base64), ("WGPEER_A_ALLOWEDIPS", _allowed_ips(chunk))]
+        peer = [("WGPEER_A_PUBLIC_KEY", d.peer.base64), ("WGPEER_A_ALLOWEDIPS", _allowed_ips(chunk))]
         messages.append(_message(WG_CMD_SET_DEVICE, ifname, [("WGDEVICE_A_PEERS", [{"attrs": peer}])]))
-    return messages, changed
+    return messages, set(d.changed)
 
 
 def parse_device(ifname: str, replies: Sequence) -> DeviceStatus:

@@ -8,12 +8,14 @@ same settings twice changes nothing (no handshake reset, no link flap).
 from __future__ import annotations
 
 import ipaddress
+import re
 from dataclasses import dataclass, field
 from typing import Protocol
 
 from hatun.keys import PrivateKey, PublicKey
 
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
+_IFNAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,14}")
 IPInterface = ipaddress.IPv4Interface | ipaddress.IPv6Interface
 
 
@@ -112,3 +114,17 @@ class Backend(Protocol):
 
     async def reset_peer(self, settings: DeviceSettings) -> None:
         """Drop the peer's session and set it up again, so that the next packet starts a handshake."""
+
+
+def valid_ifname(ifname: str) -> bool:
+    return _IFNAME.fullmatch(ifname) is not None
+
+
+def check_ifname(ifname: str) -> None:
+    """Raise WireGuardError unless IFNAME is safe as an interface name, a file name and an argument.
+
+    A leading '-' would be taken for a flag by wireguard-go (`--help` creates an interface named so).
+    """
+    if not _IFNAME.fullmatch(ifname):
+        raise WireGuardError(f"bad interface name {ifname!r}: 1-15 characters of A-Z a-z 0-9 _ . -,"
+                             " not starting with '-' or '.'")

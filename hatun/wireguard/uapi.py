@@ -24,6 +24,7 @@ import trio
 
 from hatun.keys import PrivateKey, PublicKey
 from hatun.wireguard.model import DeviceSettings, DeviceStatus, DeviceTimeout, PeerStatus, WireGuardError
+from hatun.wireguard.diff import diff_device
 
 SOCKET_DIR = "/run/wireguard"
 TIMEOUT = 2.0  # seconds for one request: wireguard-go answers in well under a millisecond
@@ -183,59 +184,32 @@ def describe_errno(code: int) -> str:
     return f"errno={code} ({name}: {os.strerror(n)})" if name else f"errno={code}"
 
 
-def _same_endpoint(a: tuple[str, int] | None, b: tuple[str, int] | None) -> bool:
-    if a is None or b is None:
-        return a is b
-    return ipaddress.ip_address(a[0]) == ipaddress.ip_address(b[0]) and a[1] == b[1]
-
-
-def diff_lines(wanted: DeviceSettings, current: DeviceStatus | None) -> tuple[list[str], builtins.set[str]]:
-    """The `set=1` lines that make CURRENT match WANTED, and the names of the settings they change.
-
-    Only what differs is sent, so applying the same settings again sends nothing and keeps the
-    handshake. Names: private_key, listen_port, fwmark, peer (peer added, or other peers removed),
-    endpoint, keepalive, allowed_ips. An endpoint is never removed (the protocol cannot): wanting
-    None leaves whatever the peer roamed to. The private key is compared through its public key.
-    """
+def diff_lines(wanted: DeviceSettings, current: DeviceStatus | None, *,
+               reset_peer: bool = False) -> tuple[list[str], builtins.set[str]]:
+    """The `set=1` lines that make CURRENT match WANTED, and the names of the settings they change:
+    `diff.diff_device`, encoded for wireguard-go. Only what differs is sent, so applying the same
+    settings again sends nothing and keeps the handshake. Lines are applied in order, so a peer
+    removed and configured again in one request (RESET_PEER) is never missing."""
+    d = diff_device(wanted, current, reset_peer=reset_peer)
     lines: list[str] = []
-    changed: builtins.set[str] = builtins.set()
-    if current is None or current.public_key != wanted.private_key.public_key:
-        lines.append(f"private_key={wanted.private_key.hex}")
-        changed.add("private_key")
-    if wanted.listen_port is not None and (current is None or current.listen_port != wanted.listen_port):
-        lines.append(f"listen_port={wanted.listen_port}")
-        changed.add("listen_port")
-    if wanted.fwmark != (current.fwmark if current else 0):
-        lines.append(f"fwmark={wanted.fwmark}")
-        changed.add("fwmark")
-
-    want = wanted.peer
-    have: PeerStatus | None = None
-    for p in current.peers if current else ():
-        if p.public_key == want.public_key:
-            have = p
-        else:  # one device, one peer: anything else was not configured by us
-            lines += [f"public_key={p.public_key.hex}", "remove=true"]
-            changed.add("peer")
-    new_peer = have is None
-    if have is None:
-        changed.add("peer")
-        have = PeerStatus(public_key=want.public_key, endpoint=None, keepalive=0, allowed_ips=(),
-                          rx_bytes=0, tx_bytes=0, last_handshake=None)
-    peer_lines: list[str] = []
-    if want.endpoint is not None and not _same_endpoint(want.endpoint, have.endpoint):
-        peer_lines.append(f"endpoint={format_endpoint(want.endpoint)}")
-        changed.add("endpoint")
-    if want.keepalive != have.keepalive:
-        peer_lines.append(f"persistent_keepalive_interval={want.keepalive}")
-        changed.add("keepalive")
-    if builtins.set(want.allowed_ips) != builtins.set(have.allowed_ips):
-        peer_lines.append("replace_allowed_ips=true")
-        peer_lines += [f"allowed_ip={net}" for net in want.allowed_ips]
-        changed.add("allowed_ips")
-    if peer_lines or new_peer:
-        lines += [f"public_key={want.public_key.hex}", *peer_lines]
-    return lines, changed
+    if d.private_key is not None:
+        lines.append(f"private_key={d.private_key.hex}")
+    if d.listen_port is not None:
+        lines.append(f"listen_port={d.listen_port}")
+    if d.fwmark is not None:
+        lines.append(f"fwmark={d.fwmark}")
+    for key in d.remove_peers:
+        lines += [f"public_key={key.hex}", "remove=true"]
+    if d.peer is not None:
+        lines.append(f"public_key={d.peer.hex}")
+        if d.endpoint is not None:
+            lines.append(f"endpoint={format_endpoint(d.endpoint)}")
+        if d.keepalive is not None:
+            lines.append(f"persistent_keepalive_interval={d.keepalive}")
+        if d.allowed_ips is not None:
+            lines.append("replace_allowed_ips=true")
+            lines += [f"allowed_ip={net}" for net in d.allowed_ips]
+    return lines, builtins.set(d.changed)
 
 
 # --- I/O ---------------------------------------------------------------------------------------

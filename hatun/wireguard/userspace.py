@@ -37,7 +37,15 @@ import trio
 from hatun.childenv import child_environment
 from hatun.netns import netns_path, setns_preexec
 from hatun.wireguard import USERSPACE_HINT, link, uapi
-from hatun.wireguard.model import BackendUnavailable, Changes, DeviceSettings, DeviceStatus, WireGuardError
+from hatun.wireguard.model import (
+    BackendUnavailable,
+    Changes,
+    DeviceSettings,
+    DeviceStatus,
+    WireGuardError,
+    check_ifname,
+    valid_ifname,
+)
 
 log = logging.getLogger("hatun.wireguard")
 
@@ -53,20 +61,9 @@ HANG_AFTER = 2.0  # ...once silent for at least this long (callers with short ti
 CHECK_INTERVAL = 1.0  # a device nothing talked to for this long is asked by the liveness check
 CHECK_TIMEOUT = 1.0  # for liveness and adoption checks (it answers in well under a millisecond)
 EXIT_POLL = 0.5  # seconds between looks at a process we cannot get a pidfd for (EMFILE)
-_IFNAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,14}")
 # wireguard-go's own line format: "ERROR: (wg0) 2024/01/31 12:00:00 message"
 _GO_LINE = re.compile(r"(DEBUG|INFO|ERROR): \(.*?\) \d{4}/\d\d/\d\d \d\d:\d\d:\d\d (.*)")
 _GO_LEVEL = {"DEBUG": logging.DEBUG, "INFO": logging.INFO, "ERROR": logging.WARNING}
-
-
-def check_ifname(ifname: str) -> None:
-    """Raise WireGuardError unless IFNAME is safe as an interface name, a file name and an argument.
-
-    A leading '-' would be taken for a flag by wireguard-go (`--help` creates an interface named so).
-    """
-    if not _IFNAME.fullmatch(ifname):
-        raise WireGuardError(f"bad interface name {ifname!r}: 1-15 characters of A-Z a-z 0-9 _ . -,"
-                             " not starting with '-' or '.'")
 
 
 def _netns_path(netns: str | None) -> str:
@@ -314,7 +311,7 @@ class UserspaceBackend:
         except OSError as e:
             raise WireGuardError(f"cannot list {self._socket_dir}: {e.strerror or e}") from None
         found = []
-        for name in filter(_IFNAME.fullmatch, names):
+        for name in filter(valid_ifname, names):
             try:
                 pid = await uapi.server_pid(name, socket_dir=self._socket_dir)
             except uapi.NotRunning:
@@ -383,8 +380,9 @@ class UserspaceBackend:
         if dev is None:
             return
         async with dev.lock:
-            await self._uapi(uapi.set, settings.ifname, [f"public_key={settings.peer.public_key.hex}", "remove=true"])
-            await self._configure(settings, False)
+            # One request: the peer is removed and added again in order, never missing in between.
+            lines, _ = uapi.diff_lines(settings, await self._uapi(uapi.get, settings.ifname), reset_peer=True)
+            await self._uapi(uapi.set, settings.ifname, lines)
 
     def generation(self, ifname: str) -> int:
         """How many wireguard-go processes this backend has started for IFNAME (0: none, or adopted)."""

@@ -21,7 +21,7 @@ from hatun.keys import PrivateKey
 from hatun.pinning import Pinning
 from hatun.wireguard import uapi
 from hatun.wireguard.model import WireGuardError
-from hatun.wireguard.userspace import _wait_exit
+from hatun.wireguard.goprocess import wait_exit
 from tests.nsutil import freeze
 from tests.test_userspace_backend import Pair, alive, backend, wait_for, wireguard_go_pids
 
@@ -181,7 +181,7 @@ async def test_wait_exit_without_pidfd(monkeypatch):
             raise OSError(errno.EMFILE, os.strerror(errno.EMFILE))
         monkeypatch.setattr(os, "pidfd_open", emfile)
         with trio.fail_after(10):
-            assert await _wait_exit(proc.pid, 5.0)
+            assert await wait_exit(proc.pid, 5.0)
         assert not alive(proc.pid)
     finally:
         if proc.poll() is None:

@@ -19,24 +19,18 @@ without following symlinks and must be regular files of ours.
 from __future__ import annotations
 
 import dataclasses
-import errno
 import logging
 import math
 import os
-import re
 import shutil
-import signal
-import stat
-import subprocess
 from collections.abc import AsyncIterator, Callable
 from contextlib import AsyncExitStack, asynccontextmanager
 from dataclasses import dataclass, field
 
 import trio
 
-from hatun.childenv import child_environment
-from hatun.netns import netns_path, setns_preexec
 from hatun.wireguard import USERSPACE_HINT, link, uapi
+from hatun.wireguard.goprocess import GoProcesses, read_new_lines, signal_name, wait_exit
 from hatun.wireguard.model import (
     BackendUnavailable,
     Changes,
@@ -50,164 +44,13 @@ from hatun.wireguard.model import (
 log = logging.getLogger("hatun.wireguard")
 
 RUN_DIR = "/run/hatun"
-START_TIMEOUT = 5.0  # spawn -> UAPI socket answers (measured: ~10 ms)
-STOP_TIMEOUT = 2.0  # per step of delete: link removal, SIGTERM, SIGKILL
 STABLE_AFTER = 10.0  # a process that lived this long restarts at once; sooner deaths back off
 BACKOFF_MIN, BACKOFF_MAX = 0.25, 10.0
 LOG_POLL = 2.0  # seconds between looks at the wireguard-go log files (they write only on errors)
-LOG_MAX = 1 << 20  # a log file bigger than this is truncated when a new wireguard-go starts
 HANG_LIMIT = 3  # UAPI requests in a row left unanswered: our wireguard-go is hung and gets replaced...
 HANG_AFTER = 2.0  # ...once silent for at least this long (callers with short timeouts are quick to count)
 CHECK_INTERVAL = 1.0  # a device nothing talked to for this long is asked by the liveness check
 CHECK_TIMEOUT = 1.0  # for liveness and adoption checks (it answers in well under a millisecond)
-EXIT_POLL = 0.5  # seconds between looks at a process we cannot get a pidfd for (EMFILE)
-# wireguard-go's own line format: "ERROR: (wg0) 2024/01/31 12:00:00 message"
-_GO_LINE = re.compile(r"(DEBUG|INFO|ERROR): \(.*?\) \d{4}/\d\d/\d\d \d\d:\d\d:\d\d (.*)")
-_GO_LEVEL = {"DEBUG": logging.DEBUG, "INFO": logging.INFO, "ERROR": logging.WARNING}
-
-
-def _netns_path(netns: str | None) -> str:
-    return "/proc/self/ns/net" if netns is None else netns_path(netns)
-
-
-def _signal_name(number: int) -> str:
-    try:
-        return signal.Signals(number).name
-    except ValueError:  # real-time signals have no name
-        return f"signal {number}"
-
-
-def _cmdline(pid: int) -> list[str]:
-    """PID's argv; [] when it is gone (or a zombie). Raises WireGuardError when /proc cannot be read
-    (EMFILE...): "cannot tell" must not pass for "not ours", nor the reverse."""
-    try:
-        with open(f"/proc/{pid}/cmdline", "rb") as f:
-            return f.read().decode(errors="replace").split("\0")[:-1]
-    except (FileNotFoundError, ProcessLookupError):
-        return []
-    except OSError as e:
-        raise WireGuardError(f"cannot read the command line of PID {pid}: {e.strerror or e}") from None
-
-
-def _same_file(a: str, b: str) -> bool:
-    """A and B are the same file; False when either is missing. Raises WireGuardError otherwise."""
-    try:
-        sa, sb = os.stat(a), os.stat(b)
-    except (FileNotFoundError, ProcessLookupError):
-        return False
-    except OSError as e:
-        raise WireGuardError(f"cannot compare {a} with {b}: {e.strerror or e}") from None
-    return (sa.st_dev, sa.st_ino) == (sb.st_dev, sb.st_ino)
-
-
-def _proc_state(pid: int) -> str | None:
-    """PID's state letter from /proc (R, S, T for stopped, Z ...); None when it is gone or unknown."""
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            return f.read().rsplit(b")", 1)[1].split()[0].decode()
-    except (OSError, IndexError, UnicodeDecodeError):
-        return None
-
-
-def _exists(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)  # no signal sent: only asks whether PID exists
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
-def _pidfd(pid: int) -> int | None:
-    """A pidfd for PID, None when it has exited. Raises WireGuardError when none can be had (EMFILE)."""
-    try:
-        return os.pidfd_open(pid)
-    except ProcessLookupError:
-        return None
-    except OSError as e:
-        raise WireGuardError(f"cannot watch PID {pid} (pidfd_open): {e.strerror or e}") from None
-
-
-async def _wait_fd(fd: int, pid: int, timeout: float) -> bool:
-    """Wait until the process of pidfd FD (PID) exits; True if it did within TIMEOUT."""
-    with trio.move_on_after(timeout):
-        await trio.lowlevel.wait_readable(fd)
-        _reap(pid)
-        return True
-    return False
-
-
-async def _collect(process: trio.Process | None) -> None:
-    # Our own child, ended: reap it (bounded, in case "ended" was a wrong guess).
-    if process is not None:
-        with trio.move_on_after(STOP_TIMEOUT):
-            await process.wait()
-
-
-def _close_fd(fd: int) -> None:
-    trio.lowlevel.notify_closing(fd)
-    os.close(fd)
-
-
-def _open_log(path: str, flags: int) -> int:
-    """Open hatun's log file PATH: never through a symlink (O_NOFOLLOW: a link planted in run_dir
-    must not make us append to /etc/shadow), never blocking on a FIFO, and only a regular file of
-    ours with one name (a hard link would be written through too). Raises OSError saying why."""
-    try:
-        fd = os.open(path, flags | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, 0o640)
-    except OSError as e:
-        if e.errno == errno.ELOOP:
-            raise OSError(errno.ELOOP, "it is a symbolic link: refusing to follow it") from None
-        if e.errno == errno.ENXIO:  # a FIFO without reader, opened for writing
-            raise OSError(errno.ENXIO, "it is not a regular file: refusing to use it") from None
-        raise
-    try:
-        st = os.fstat(fd)
-        if not stat.S_ISREG(st.st_mode):
-            raise OSError(errno.EPERM, "it is not a regular file: refusing to use it")
-        if st.st_nlink != 1 or st.st_uid != os.geteuid():
-            raise OSError(errno.EPERM, "it has other names or another owner: refusing to use it")
-        os.set_blocking(fd, True)
-    except BaseException:
-        os.close(fd)
-        raise
-    return fd
-
-
-def _reap(pid: int) -> None:
-    # A process we started (perhaps through an earlier backend in this process) becomes our
-    # zombie when it exits; collect it so that "gone" really means gone.
-    try:
-        os.waitpid(pid, os.WNOHANG)
-    except ChildProcessError:
-        pass
-
-
-async def _wait_exit(pid: int, timeout: float = math.inf) -> bool:
-    """Wait until PID has exited (any parent); True if it did within TIMEOUT. Never raises: without
-    a descriptor to spare (EMFILE) it polls until one is free or the process is gone."""
-    warned = False
-    with trio.move_on_after(timeout):
-        while True:
-            try:
-                fd = _pidfd(pid)
-            except WireGuardError as e:
-                if not warned:
-                    log.warning("%s; polling every %gs instead", e, EXIT_POLL)
-                    warned = True
-                _reap(pid)
-                if not _exists(pid):
-                    return True
-                await trio.sleep(EXIT_POLL)
-                continue
-            if fd is None:
-                return True
-            try:
-                return await _wait_fd(fd, pid, math.inf)
-            finally:
-                _close_fd(fd)
-    return False
 
 
 @dataclass(eq=False)
@@ -244,9 +87,7 @@ class UserspaceBackend:
                  socket_dir: str, on_recreated: Callable[[str], object] | None) -> None:
         self._nursery = nursery
         self._rtnl = rtnl
-        self._exe = executable
-        self._run_dir = run_dir
-        self._netns = netns
+        self._procs = GoProcesses(executable, run_dir, netns, socket_dir)
         self._socket_dir = socket_dir
         self._on_recreated = on_recreated
         self._devices: dict[str, _Device] = {}
@@ -316,7 +157,7 @@ class UserspaceBackend:
                 pid = await uapi.server_pid(name, socket_dir=self._socket_dir)
             except uapi.NotRunning:
                 continue
-            if self._is_ours(pid, name):  # the directory is global: skip other namespaces' devices
+            if self._procs.is_ours(pid, name):  # the directory is global: skip other namespaces' devices
                 found.append(name)
         return found
 
@@ -339,7 +180,7 @@ class UserspaceBackend:
                 serving = None
             # Only processes that run wireguard-go for IFNAME in our namespace: the socket directory
             # is global, and a PID may have been reused since we saw it.
-            pids = {pid for pid in (dev.pid, serving) if pid and self._is_ours(pid, ifname)}
+            pids = {pid for pid in (dev.pid, serving) if pid and self._procs.is_ours(pid, ifname)}
             # Only a TUN device: a bridge or a NIC of that name is never ours to delete.
             try:
                 present = await self._rtnl.link(ifname)
@@ -351,8 +192,8 @@ class UserspaceBackend:
             else:
                 await link.delete_link(self._rtnl, ifname)
             for pid in pids:
-                await self._stop(pid, ifname, dev.process if dev.process and dev.process.pid == pid else None)
-            paths = [self._log_path(ifname)]
+                await self._procs.stop(pid, ifname, dev.process if dev.process and dev.process.pid == pid else None)
+            paths = [self._procs.log_path(ifname)]
             try:
                 await uapi.server_pid(ifname, socket_dir=self._socket_dir)
             except uapi.NotRunning:  # stale (after SIGKILL) or gone; one that answers is not ours
@@ -470,60 +311,17 @@ class UserspaceBackend:
             # A device that just went silent is asked again at once (the timeout paces it).
             await trio.sleep(0.1 if timed_out else CHECK_INTERVAL)
 
-    async def _kill_hung(self, pid: int, ifname: str, process: trio.Process | None) -> bool:
-        """SIGKILL PID if it still runs wireguard-go for IFNAME in our namespace (a stopped process
-        does not act on SIGTERM until continued) and wait for its end. True when killed, False when
-        it had gone (or is no longer ours). Raises WireGuardError when it cannot be killed."""
-        fd = _pidfd(pid)
-        if fd is None:
-            return False
-        try:
-            # The signal goes through the pidfd: if PID ended and its number was reused after this
-            # check, it reaches nobody rather than the new process.
-            if not self._is_ours(pid, ifname):
-                killed = False  # ended meanwhile (a zombie has no command line)
-                _reap(pid)
-            else:
-                log.warning("%s: killing hung wireguard-go (pid %d) with SIGKILL", ifname, pid)
-                try:
-                    signal.pidfd_send_signal(fd, signal.SIGKILL)
-                    killed = True
-                except ProcessLookupError:
-                    killed = False
-                if not await _wait_fd(fd, pid, STOP_TIMEOUT):
-                    raise WireGuardError(f"{ifname}: hung wireguard-go pid {pid} did not exit after SIGKILL")
-        finally:
-            _close_fd(fd)
-        await _collect(process if process is not None and process.pid == pid else None)
-        return killed
-
     # --- processes ---
 
-    def _log_path(self, ifname: str) -> str:
-        return os.path.join(self._run_dir, f"wg-{ifname}.log")
+    async def _spawn(self, dev: _Device) -> None:
+        def started(process: trio.Process, log_start: int) -> None:
+            self._new_process(dev, process.pid, process)
+            dev.started_at = trio.current_time()
+            if dev.scope is None:
+                dev.log_pos = log_start
 
-    def _is_ours(self, pid: int, ifname: str) -> bool:
-        """PID runs wireguard-go for IFNAME, in our network namespace."""
-        argv = _cmdline(pid)
-        names = {"wireguard-go", os.path.basename(self._exe)}
-        return (len(argv) >= 2 and os.path.basename(argv[0]) in names and argv[-1] == ifname
-                and _same_file(f"/proc/{pid}/ns/net", _netns_path(self._netns)))
-
-    async def _owned_pid(self, ifname: str) -> int | None:
-        """PID of the wireguard-go that answers for IFNAME, if it is ours to manage; None if nothing answers.
-
-        Raises WireGuardError when something else answers (e.g. the same name in another namespace:
-        the socket directory is global).
-        """
-        try:
-            pid = await uapi.server_pid(ifname, socket_dir=self._socket_dir)
-        except uapi.NotRunning:
-            return None
-        if not self._is_ours(pid, ifname):
-            raise WireGuardError(
-                f"the UAPI socket of {ifname} is served by PID {pid} ({' '.join(_cmdline(pid))[:80]!r}),"
-                " not a wireguard-go for it in this network namespace; use another interface name")
-        return pid
+        await self._procs.start(dev.ifname, started)
+        dev.generation += 1
 
     async def _ensure_running(self, dev: _Device) -> bool:
         """Adopt IFNAME's running wireguard-go or start one. True when a new process was started.
@@ -532,14 +330,14 @@ class UserspaceBackend:
         one is adopted only when it answers a `get` within CHECK_TIMEOUT; a silent one is killed
         and replaced.
         """
-        pid = await self._owned_pid(dev.ifname)
+        pid = await self._procs.owned_pid(dev.ifname)
         if pid is not None and (pid != dev.pid or dev.hung.is_set()):
             try:
                 await uapi.get(dev.ifname, socket_dir=self._socket_dir, timeout=CHECK_TIMEOUT)
             except uapi.UapiTimeout:
                 log.warning("%s: running wireguard-go (pid %d) accepts UAPI connections but does not answer:"
                             " replacing it", dev.ifname, pid)
-                await self._kill_hung(pid, dev.ifname, None)
+                await self._procs.kill_hung(pid, dev.ifname, None)
                 pid = None
             except uapi.NotRunning:  # it has just ended
                 pid = None
@@ -549,126 +347,23 @@ class UserspaceBackend:
                 log.info("%s: adopted running wireguard-go (pid %d)", dev.ifname, pid)
                 self._new_process(dev, pid, None)
                 dev.started_at = -math.inf  # age unknown: treat it as stable
-                dev.log_pos = self._log_size(dev.ifname)
+                dev.log_pos = self._procs.log_size(dev.ifname)
         if pid is not None:
             return False
         await self._spawn(dev)
         return True
-
-    def _log_size(self, ifname: str) -> int:
-        # lstat: the size of what is there, never of a symlink's target; 0 for anything odd.
-        path = self._log_path(ifname)
-        try:
-            st = os.lstat(path)
-        except FileNotFoundError:
-            return 0
-        except OSError as e:
-            log.debug("%s: cannot stat %s: %s", ifname, path, e.strerror or e)
-            return 0
-        return st.st_size if stat.S_ISREG(st.st_mode) else 0
-
-    async def _spawn(self, dev: _Device) -> None:
-        ifname = dev.ifname
-        path = self._log_path(ifname)
-        # Only what it needs: our environment may hold keys (private_key_env variables).
-        env = child_environment({"WG_PROCESS_FOREGROUND": "1"})  # stay our child, no daemonizing, no banner
-        log_fd = ns_fd = -1
-        try:
-            what = f"log file {path}"
-            os.makedirs(self._run_dir, mode=0o750, exist_ok=True)
-            log_fd = _open_log(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND)
-            start = os.fstat(log_fd).st_size
-            if start > LOG_MAX:  # truncated only once it is known to be our own regular file
-                os.ftruncate(log_fd, 0)
-                start = 0
-            if self._netns:
-                what = f"network namespace {self._netns}"
-                ns_fd = os.open(_netns_path(self._netns), os.O_RDONLY | os.O_CLOEXEC)
-            what = self._exe
-            process = await trio.lowlevel.open_process(
-                [self._exe, ifname], stdin=subprocess.DEVNULL, stdout=log_fd, stderr=log_fd, env=env,
-                start_new_session=True, preexec_fn=setns_preexec(ns_fd) if ns_fd >= 0 else None)
-        except (OSError, subprocess.SubprocessError) as e:
-            raise WireGuardError(f"{ifname}: cannot start wireguard-go: {what}: {getattr(e, 'strerror', None) or e}"
-                                 ) from None
-        finally:
-            for fd in (ns_fd, log_fd):
-                if fd >= 0:
-                    os.close(fd)
-        self._new_process(dev, process.pid, process)
-        dev.started_at = trio.current_time()
-        if dev.scope is None:
-            dev.log_pos = start
-        log.info("%s: started wireguard-go (pid %d)", ifname, process.pid)
-
-        # Ready when its UAPI socket answers, served by this very process.
-        with trio.move_on_after(START_TIMEOUT):
-            while process.poll() is None:
-                try:
-                    pid = await uapi.server_pid(ifname, socket_dir=self._socket_dir, timeout=0.5)
-                except uapi.NotRunning:
-                    await trio.sleep(0.005)
-                    continue
-                if pid != process.pid:
-                    raise WireGuardError(f"{ifname}: PID {pid} took the UAPI socket of our wireguard-go")
-                dev.generation += 1
-                return
-            tail = self._log_tail(path, start)
-            raise WireGuardError(f"{ifname}: wireguard-go exited at start with status {process.returncode}"
-                                 + (f": {tail}" if tail else ""))
-        process.kill()  # our own child, stuck before serving: nothing to adopt later
-        await process.wait()
-        raise WireGuardError(f"{ifname}: wireguard-go did not open its UAPI socket within {START_TIMEOUT:g}s")
-
-    @staticmethod
-    def _log_tail(path: str, start: int, limit: int = 400) -> str:
-        # wireguard-go logs no secrets, so its last words may go into an error message.
-        try:
-            with open(_open_log(path, os.O_RDONLY), "rb") as f:
-                f.seek(start)
-                text = f.read(64 * 1024).decode(errors="replace")
-        except OSError:
-            return ""
-        lines = [m.group(2) if (m := _GO_LINE.fullmatch(ln)) else ln for ln in text.splitlines() if ln.strip()]
-        return "; ".join(dict.fromkeys(lines))[-limit:]  # it logs a refused set twice
-
-    async def _stop(self, pid: int, ifname: str, process: trio.Process | None) -> None:
-        # Deleting the link is the gentle way (it exits at once); then SIGTERM, then SIGKILL. Signals
-        # go through a pidfd, after checking again that PID is ours: it cannot be reused meanwhile.
-        fd = _pidfd(pid)
-        if fd is None:
-            return
-        try:
-            for sig in (None, signal.SIGTERM, signal.SIGKILL):
-                if sig is not None:
-                    if not self._is_ours(pid, ifname):
-                        break  # ended meanwhile (a zombie has no command line): nothing to signal
-                    if sig is signal.SIGTERM and _proc_state(pid) in ("T", "t"):
-                        continue  # stopped: it would act on SIGTERM only once continued
-                    log.info("wireguard-go pid %d still running: sending %s", pid, sig.name)
-                    try:
-                        signal.pidfd_send_signal(fd, sig)
-                    except ProcessLookupError:
-                        pass
-                if await _wait_fd(fd, pid, STOP_TIMEOUT):
-                    break
-            else:
-                raise WireGuardError(f"wireguard-go pid {pid} did not exit after SIGKILL")
-        finally:
-            _close_fd(fd)
-        await _collect(process)
 
     async def _configure(self, settings: DeviceSettings, created: bool) -> Changes:
         ifname = settings.ifname
         current = await self._uapi(uapi.get, ifname)
         lines, changed = uapi.diff_lines(settings, current)
         if lines:
-            start = self._log_size(ifname)
+            start = self._procs.log_size(ifname)
             try:
                 await self._uapi(uapi.set, ifname, lines)
             except uapi.UapiRefused as e:
                 # wireguard-go logs the reason before it replies: make it part of the error.
-                tail = self._log_tail(self._log_path(ifname), start)
+                tail = self._procs.log_tail(self._procs.log_path(ifname), start)
                 raise uapi.UapiRefused(f"{e}; its log: {tail}" if tail else str(e)) from None
         # After the UAPI part, so that the device has its key and peer when it comes up.
         changed |= await link.configure_link(self._rtnl, ifname, addresses=settings.addresses,
@@ -699,9 +394,9 @@ class UserspaceBackend:
             nonlocal why
             if process is not None and process.pid == pid:
                 code = await process.wait()
-                why = f"killed by {_signal_name(-code)}" if code < 0 else f"exited with status {code}"
+                why = f"killed by {signal_name(-code)}" if code < 0 else f"exited with status {code}"
             else:
-                await _wait_exit(pid)
+                await wait_exit(pid)
                 why = "exited"
             nursery.cancel_scope.cancel()
 
@@ -726,7 +421,7 @@ class UserspaceBackend:
                     continue
                 if pid is not None and dev.hung.is_set():
                     try:
-                        if await self._kill_hung(pid, dev.ifname, process):
+                        if await self._procs.kill_hung(pid, dev.ifname, process):
                             why = f"did not answer {dev.timeouts} UAPI requests in a row: killed it (SIGKILL)"
                     except WireGuardError as e:
                         why = ""
@@ -772,7 +467,7 @@ class UserspaceBackend:
                     self._read_log(dev)
 
     def _read_log(self, dev: _Device) -> None:
-        path = self._log_path(dev.ifname)
+        path = self._procs.log_path(dev.ifname)
         try:
             self._read_log_file(dev, path)
         except OSError as e:  # e.g. EMFILE, or a symlink planted there: the log can wait
@@ -783,31 +478,9 @@ class UserspaceBackend:
             dev.log_problem = None
 
     def _read_log_file(self, dev: _Device, path: str) -> None:
-        try:
-            size = os.lstat(path).st_size  # cheap look first: it writes only on errors
-            if size == dev.log_pos:
-                return
-            with open(_open_log(path, os.O_RDONLY), "rb") as f:
-                size = os.fstat(f.fileno()).st_size
-                if size < dev.log_pos:  # truncated by a restart
-                    dev.log_pos = 0
-                f.seek(dev.log_pos)
-                data = f.read(min(size - dev.log_pos, 256 * 1024))
-        except FileNotFoundError:
-            return
-        end = data.rfind(b"\n") + 1  # whole lines only; the rest comes next time
-        if end == 0 and len(data) < 256 * 1024:
-            return
-        dev.log_pos += end or len(data)
-        previous = None
-        for line in data[:end or len(data)].decode(errors="replace").splitlines():
-            if line == previous or not line.strip():  # it logs a refused `set` twice
-                continue
-            previous = line
-            if m := _GO_LINE.fullmatch(line):
-                log.log(_GO_LEVEL[m.group(1)], "%s: wireguard-go: %s", dev.ifname, m.group(2))
-            else:
-                log.info("%s: wireguard-go: %s", dev.ifname, line)
+        dev.log_pos, lines = read_new_lines(path, dev.log_pos)
+        for level, message in lines:
+            log.log(level, "%s: wireguard-go: %s", dev.ifname, message)
 
 
 @asynccontextmanager

@@ -38,7 +38,7 @@ def edit_config(lab: Lab, *, path: str | None = None, routing: dict | None = Non
     """Rewrite the lab's config with changes: ROUTING/HEALTH keys (TOML values as strings), per-tunnel
     keys by tunnel name, top-level keys, tunnels to DROP. Returns the path written."""
     path = path or lab.config_path
-    text = topology._config_text(lab, health=health, extra_routing=routing)
+    text = topology.config_text(lab, health=health, extra_routing=routing)
     blocks = text.split("[[tunnels]]")
     head, tunnel_blocks = blocks[0], blocks[1:]
     if top:

@@ -67,9 +67,11 @@ def freeze(pid: int, timeout: float = 10.0) -> None:
 
 def kill_ns_processes(netns: str, grace: float = 3.0) -> None:
     """End the processes running inside NETNS (all of them were started by the test), by PID."""
+    import trio
+
     from hatun.lab.topology import kill_pids
 
-    kill_pids(ns_pids(netns), grace)
+    trio.run(kill_pids, ns_pids(netns), grace)
 
 
 class Namespaces:

@@ -14,11 +14,6 @@ from tests.labutil import assert_nothing_lost, edit_config, ns_output, routes_js
 pytestmark = pytest.mark.netns
 
 
-async def lab_op(fn, *args):
-    """Run a lab operation in a worker thread: its subprocesses must not stall the traffic loop."""
-    return await trio.to_thread.run_sync(trio.run, fn, *args)
-
-
 async def start(lab_factory, hatun_factory, gateways=3, config_edit=None, **lab_kw):
     lab = await trio.to_thread.run_sync(lambda: lab_factory(gateways, **lab_kw))
     if config_edit:
@@ -43,10 +38,10 @@ async def test_failover_and_failback_with_flows(lab_factory, hatun_factory):
     async def chaos():
         await trio.sleep(1.5)
         marks["fail"] = trio.current_time()
-        await lab_op(topology.lab_fail, lab.name, "gw2", "blackhole")
+        await topology.lab_fail(lab.name, "gw2", "blackhole")
         await trio.sleep(2.5)
         marks["heal"] = trio.current_time()
-        await lab_op(topology.lab_heal, lab.name, "gw2")
+        await topology.lab_heal(lab.name, "gw2")
 
     run = await traffic.udp_flows(lab.runner, topology.SERVICE, flows=64, rate=1000, duration=7.0, on_start=chaos)
     on_gw2 = [f for f in run.flows if f.gateways()[:1] == ["gw2"]]
@@ -69,7 +64,7 @@ async def test_tcp_connections_on_healthy_tunnels_stay_open(lab_factory, hatun_f
 
     async def chaos():
         await trio.sleep(1.5)
-        await lab_op(topology.lab_fail, lab.name, "gw1", "blackhole")
+        await topology.lab_fail(lab.name, "gw1", "blackhole")
 
     async with trio.open_nursery() as n:
         n.start_soon(chaos)
@@ -82,12 +77,12 @@ async def test_tcp_connections_on_healthy_tunnels_stay_open(lab_factory, hatun_f
 
 async def test_failback_moves_no_flow_and_new_flows_use_the_recovered_tunnel(lab_factory, hatun_factory):
     lab, hatun = await start(lab_factory, hatun_factory)
-    await lab_op(topology.lab_fail, lab.name, "gw2", "blackhole")
+    await topology.lab_fail(lab.name, "gw2", "blackhole")
     await wait_status(hatun, lambda s: "gw2" not in members(s), 5, "gw2 out")
 
     async def heal():
         await trio.sleep(1.0)
-        await lab_op(topology.lab_heal, lab.name, "gw2")
+        await topology.lab_heal(lab.name, "gw2")
 
     async with trio.open_nursery() as n:
         n.start_soon(heal)
@@ -114,14 +109,14 @@ async def test_priority_tiers(lab_factory, hatun_factory):
     hatun = await trio.to_thread.run_sync(hatun_factory, lab)
     s = await wait_status(hatun, lambda s: members(s) == ["gw1", "gw2"], 10, "tier 0 in service")
     assert s["route"]["tier"] == 0
-    await lab_op(topology.lab_fail, lab.name, "gw1", "blackhole")
+    await topology.lab_fail(lab.name, "gw1", "blackhole")
     await wait_status(hatun, lambda s: members(s) == ["gw2"], 5, "gw2 alone")
-    await lab_op(topology.lab_fail, lab.name, "gw2", "blackhole")
+    await topology.lab_fail(lab.name, "gw2", "blackhole")
     s = await wait_status(hatun, lambda s: members(s) == ["gw3"], 5, "backup tier")
     assert s["route"]["tier"] == 1
     run = await traffic.udp_flows(lab.runner, topology.SERVICE, flows=8, rate=200, duration=0.5)
     assert run.share() == {"gw3": 1.0}
-    await lab_op(topology.lab_heal, lab.name, "gw1")
+    await topology.lab_heal(lab.name, "gw1")
     await wait_status(hatun, lambda s: members(s) == ["gw1"], 5, "tier 0 back")
 
 
@@ -152,7 +147,7 @@ async def test_all_tunnels_down(lab_factory, hatun_factory, mode):
     lab, hatun = await start(lab_factory, hatun_factory, gateways=2,
                              config_edit={"routing": {"when_all_down": f'"{mode}"'}})
     for gw in ("gw1", "gw2"):
-        await lab_op(topology.lab_fail, lab.name, gw, "blackhole")
+        await topology.lab_fail(lab.name, gw, "blackhole")
     s = await wait_status(hatun, lambda s: s["route"]["all_down"], 5, "all down")
     table = routes_json(lab.runner, "route", "show", "table", "51820")
     if mode == "keep":
@@ -165,7 +160,7 @@ async def test_all_tunnels_down(lab_factory, hatun_factory, mode):
         # Never a silent fall-back to another route: the kernel refuses at once.
         with pytest.raises(OSError):
             traffic.udp_socket(lab.runner, topology.SERVICE).send(b"x")
-    await lab_op(topology.lab_heal, lab.name, "gw2")
+    await topology.lab_heal(lab.name, "gw2")
     await wait_status(hatun, lambda s: members(s) == ["gw2"] and not s["route"]["all_down"], 5, "gw2 back")
 
 
@@ -235,7 +230,7 @@ async def test_ipv6_prefixes_and_probes(lab_factory, hatun_factory):
     run = await traffic.udp_flows(lab.runner, topology.SERVICE6, flows=16, rate=400, duration=1.0)
     assert set(run.share()) == {"gw1", "gw2"}
     assert_nothing_lost(run.flows, "IPv6")
-    await lab_op(topology.lab_fail, lab.name, "gw1", "blackhole")
+    await topology.lab_fail(lab.name, "gw1", "blackhole")
     await wait_status(hatun, lambda s: members(s) == ["gw2"], 5, "gw1 out")
     run = await traffic.udp_flows(lab.runner, topology.SERVICE6, flows=16, rate=400, duration=1.0)
     assert run.share() == {"gw2": 1.0}
@@ -247,7 +242,7 @@ async def test_classic_multipath_mode(lab_factory, hatun_factory):
     assert hatun.status()["mode"] == "multipath"
     route = routes_json(lab.runner, "route", "show", "table", "51820")[0]
     assert len(route["nexthops"]) == 2
-    await lab_op(topology.lab_fail, lab.name, "gw1", "blackhole")
+    await topology.lab_fail(lab.name, "gw1", "blackhole")
     await wait_status(hatun, lambda s: members(s) == ["gw2"], 5, "gw1 out")
     route = routes_json(lab.runner, "route", "show", "table", "51820")[0]
     assert route["dev"] == lab.runner_ifname(2)

@@ -82,7 +82,7 @@ async def counters(backend, ifname):
 def leftovers(lab):
     """Everything of LAB still on the machine: namespaces, processes, sockets, files."""
     found = topology.existing_namespaces(lab.name)
-    found += topology._glob_sockets(lab.name)
+    found += topology.stale_sockets(lab.name)
     if os.path.exists(lab.dir):
         found.append(lab.dir)
     ps = subprocess.run(["ps", "-eo", "pid,args"], capture_output=True, text=True).stdout
@@ -186,11 +186,11 @@ def test_lab_fail_and_heal(lab_factory):
     assert "hatunfail" in ns_output(ns, "nft", "list", "tables")
     trio.run(topology.lab_heal, lab.name, "gw2")
     assert "hatunfail" not in ns_output(ns, "nft", "list", "tables")
-    pid = topology._gateway_wireguard_pid(lab, 2)
+    pid = topology.gateway_wireguard_pid(lab, 2)
     trio.run(topology.lab_fail, lab.name, "2", "kill")
-    assert topology._gateway_wireguard_pid(lab, 2) != pid
+    assert topology.gateway_wireguard_pid(lab, 2) != pid
     trio.run(topology.lab_heal, lab.name, "gw2")
-    assert topology._gateway_wireguard_pid(lab, 2) is not None
+    assert topology.gateway_wireguard_pid(lab, 2) is not None
     with pytest.raises(topology.LabError, match="no gateway"):
         trio.run(topology.lab_fail, lab.name, "gw9", "blackhole")
 

@@ -124,10 +124,6 @@ async def _thread(fn, *args):
     return await trio.to_thread.run_sync(fn, *args)
 
 
-async def _lab_op(fn, *args):
-    """Lab operations run their subprocesses synchronously: keep them off the traffic's event loop."""
-    return await trio.to_thread.run_sync(trio.run, fn, *args)
-
 
 class _Scene:
     """A lab with hatun on it, removed on exit."""
@@ -140,7 +136,7 @@ class _Scene:
         self.hatun: HatunProcess | None = None
 
     async def __aenter__(self) -> _Scene:
-        self.lab = await _lab_op(topology.lab_up, _lab_name(), self.gateways, self.backend, False)
+        self.lab = await topology.lab_up(_lab_name(), self.gateways, self.backend, False)
         write_config(self.lab, self.health, self.routing, self.tunnels, self.top)
         self.hatun = HatunProcess(self.lab, args=("--log-level", "info"))
         await _thread(lambda: self.hatun.start(timeout=60 * SLOW))
@@ -160,12 +156,12 @@ class _Scene:
                 except AssertionError:
                     pass
             if self.lab is not None:
-                await _lab_op(topology.lab_down, self.lab.name)
+                await topology.lab_down(self.lab.name)
 
 
 def write_config(lab: Lab, health=None, routing=None, tunnels=None, top=None) -> None:
     """The lab's config with changes (TOML values as strings), per section and per tunnel."""
-    text = topology._config_text(lab, health=health, extra_routing=routing)
+    text = topology.config_text(lab, health=health, extra_routing=routing)
     if top:
         text = "\n".join(f"{k} = {v}" for k, v in top.items()) + "\n" + text
     for name, keys in (tunnels or {}).items():
@@ -203,11 +199,11 @@ async def bench_failover(report: Report, backend: str, runs: int, quick: bool) -
                 async def chaos():
                     await trio.sleep(2.0 * t)
                     marks["fail"] = trio.current_time()
-                    await _lab_op(topology.lab_fail, lab.name, "gw2", "blackhole")
+                    await topology.lab_fail(lab.name, "gw2", "blackhole")
                     await _wait_status(hatun, lambda st: "gw2" not in st["route"]["members"], 10 * t, "gw2 out")
                     await trio.sleep(1.0 * t)
                     marks["heal"] = trio.current_time()
-                    await _lab_op(topology.lab_heal, lab.name, "gw2")
+                    await topology.lab_heal(lab.name, "gw2")
                     await _wait_status(hatun, lambda st: "gw2" in st["route"]["members"], 20 * t, "gw2 back")
                     marks["back"] = trio.current_time()
 
@@ -331,15 +327,15 @@ async def bench_throughput(report: Report, backend: str, runs: int, quick: bool)
                         cpu_runs.append(100 * (_proc_cpu_seconds(s.hatun.pid) - c0) / (time.monotonic() - w0))
                         # hatun leaves its tunnels (keep_on_exit); its route and rules make way for one by hand.
                         await _thread(lambda: s.hatun.stop(timeout=30))
-                        _hand_route(lab, [lab.runner_ifname(i) for i in range(1, n + 1)])
+                        await _hand_route(lab, [lab.runner_ifname(i) for i in range(1, n + 1)])
                         b_runs.append(await _thread(_iperf, lab, seconds))
-                        topology._run(["ip", "-n", lab.runner, "route", "del", "198.19.77.0/24"])
+                        await topology.run(["ip", "-n", lab.runner, "route", "del", "198.19.77.0/24"])
                         s.hatun = HatunProcess(lab, args=("--log-level", "info"))
                         await _thread(lambda: s.hatun.start(timeout=60))
                         await _wait_status(s.hatun, lambda st: len(st["route"]["members"]) == n, 30, "back in route")
                     a, b = statistics.median(a_runs), statistics.median(b_runs)
                     await _thread(lambda: s.hatun.stop(timeout=30))
-                    _hand_route(lab, [lab.runner_ifname(1)])
+                    await _hand_route(lab, [lab.runner_ifname(1)])
                     c = await _thread(_iperf, lab, seconds)
                 finally:
                     server.send_signal(signal.SIGTERM)
@@ -351,14 +347,14 @@ async def bench_throughput(report: Report, backend: str, runs: int, quick: bool)
                 own_cpu.values.append(statistics.median(cpu_runs))
 
 
-def _hand_route(lab: Lab, ifnames: list[str]) -> None:
+async def _hand_route(lab: Lab, ifnames: list[str]) -> None:
     """Replace hatun's steering with a plain multipath route in the main table, as one would by hand."""
     script = ["nft delete table inet hatun 2>/dev/null; true"]
     script += [f"ip rule del pref {p} 2>/dev/null; ip rule del pref {p} 2>/dev/null; ip rule del pref {p} 2>/dev/null; true"
                for p in (5200, 5201, 5202)]
     hops = " ".join(f"nexthop dev {i}" for i in ifnames)
     script.append(f"ip route replace 198.19.77.0/24 src {topology.SOURCE} {hops}")
-    topology._run(["ip", "netns", "exec", lab.runner, "sh", "-c", "; ".join(script)])
+    await topology.run(["ip", "netns", "exec", lab.runner, "sh", "-c", "; ".join(script)])
 
 
 def _proc_cpu_seconds(pid: int) -> float:
@@ -385,7 +381,7 @@ async def bench_scale(report: Report, backend: str, runs: int, quick: bool) -> N
         for _ in range(runs):
             if backend == "userspace":
                 _ensure_inotify(2 * n)
-            lab = await _lab_op(topology.lab_up, _lab_name(), n, backend, False)
+            lab = await topology.lab_up(_lab_name(), n, backend, False)
             hatun = HatunProcess(lab, args=("--log-level", "warning"))
             try:
                 t0 = time.monotonic()
@@ -404,7 +400,7 @@ async def bench_scale(report: Report, backend: str, runs: int, quick: bool) -> N
                         await _thread(lambda: hatun.stop(timeout=60))
                     except AssertionError:
                         pass
-                    await _lab_op(topology.lab_down, lab.name)
+                    await topology.lab_down(lab.name)
 
 
 _INOTIFY = "/proc/sys/fs/inotify/max_user_instances"

@@ -140,8 +140,8 @@ async def run_demo(show: Callable[[str], None], *, name: str = "demo", duration:
 
     topology.require_root()
     event("building the lab: a runner, 3 gateways, a private LAN")
-    await trio.to_thread.run_sync(trio.run, topology.lab_down, name)
-    lab = await trio.to_thread.run_sync(trio.run, topology.lab_up, name, 3, backend, False)
+    await topology.lab_down(name)
+    lab = await topology.lab_up(name, 3, backend, False)
     proc = None
     summary: dict = {}
     try:
@@ -184,15 +184,15 @@ async def run_demo(show: Callable[[str], None], *, name: str = "demo", duration:
                         await trio.sleep(0.1)
                 if proc.poll() is None:
                     proc.kill()
-            await trio.to_thread.run_sync(trio.run, topology.lab_down, name)
+            await topology.lab_down(name)
     return summary
 
 
 async def _act(lab, action: str, gw: str) -> None:
     if action in ("fail", "kill"):
-        await trio.to_thread.run_sync(trio.run, topology.lab_fail, lab.name, gw, "blackhole" if action == "fail" else "kill")
+        await topology.lab_fail(lab.name, gw, "blackhole" if action == "fail" else "kill")
     elif action == "heal":
-        await trio.to_thread.run_sync(trio.run, topology.lab_heal, lab.name, gw)
+        await topology.lab_heal(lab.name, gw)
     else:
         await trio.to_thread.run_sync(lambda: request(lab.control_socket, {"command": action, "tunnel": gw}))
 

@@ -26,7 +26,6 @@ import shutil
 import signal
 import subprocess
 import sys
-import time
 from dataclasses import asdict, dataclass, field
 
 import trio
@@ -46,6 +45,7 @@ SERVICE6 = "2001:2:0:77::200"
 SOURCE = "198.18.99.1"
 SOURCE6 = "2001:2:0:99::1"
 SERVICE_START_TIMEOUT = 120.0
+NETNS_DIR = "/run/netns"
 MAX_GATEWAYS = 199  # gateway I has LAN address 198.19.77.I; .200 is the service host
 
 
@@ -156,30 +156,57 @@ def require_root() -> None:
         raise LabError("the lab needs iproute2 (apt-get install iproute2)")
 
 
-def _run(cmd: list[str], *, input: str | None = None, check: bool = True, timeout: float = 60) -> subprocess.CompletedProcess:
-    res = subprocess.run(cmd, input=input, capture_output=True, text=True, timeout=timeout)
-    if check and res.returncode != 0:
-        raise LabError(f"{' '.join(cmd[:6])}{' ...' if len(cmd) > 6 else ''}: {res.stderr.strip() or res.stdout.strip()}")
-    return res
+async def run(cmd: list[str], *, input: str | None = None, check: bool = True,
+              timeout: float = 60) -> subprocess.CompletedProcess:
+    """Run CMD (text in and out) without blocking the scheduler, for at most TIMEOUT seconds. With
+    CHECK, a failure raises LabError with the command's own message."""
+    with trio.fail_after(timeout):
+        res = await trio.run_process(cmd, stdin=(input or "").encode(), capture_stdout=True, capture_stderr=True,
+                                     check=False)
+    out = subprocess.CompletedProcess(cmd, res.returncode, res.stdout.decode(errors="replace"),
+                                      res.stderr.decode(errors="replace"))
+    if check and out.returncode != 0:
+        raise LabError(f"{' '.join(cmd[:6])}{' ...' if len(cmd) > 6 else ''}: {out.stderr.strip() or out.stdout.strip()}")
+    return out
 
 
-def _batch(netns: str | None, commands: list[str]) -> None:
+async def _batch(netns: str | None, commands: list[str]) -> None:
     """Run `ip` commands in one process (fast for large labs)."""
     if commands:
-        _run(["ip"] + (["-n", netns] if netns else []) + ["-batch", "-"], input="\n".join(commands) + "\n")
+        await run(["ip"] + (["-n", netns] if netns else []) + ["-batch", "-"], input="\n".join(commands) + "\n")
 
 
-def _sysctl(netns: str, settings: dict[str, str]) -> None:
+async def _sysctl(netns: str, settings: dict[str, str]) -> None:
     script = "; ".join(f"echo {v} > /proc/sys/{k.replace('.', '/')}" for k, v in settings.items())
-    _run(["ip", "netns", "exec", netns, "sh", "-c", script])
+    await run(["ip", "netns", "exec", netns, "sh", "-c", script])
 
 
 def existing_namespaces(name: str | None = None) -> list[str]:
-    """Lab namespaces on this machine (of lab NAME, or of every lab)."""
-    res = _run(["ip", "netns", "list"], check=False)
-    found = [line.split()[0] for line in res.stdout.splitlines() if line.strip()]
+    """Lab namespaces on this machine (of lab NAME, or of every lab): what `ip netns list` lists."""
+    try:
+        found = os.listdir(NETNS_DIR)
+    except FileNotFoundError:
+        return []
     prefix = f"hl-{name}-" if name else "hl-"
-    return [ns for ns in found if ns.startswith(prefix)]
+    return sorted(ns for ns in found if ns.startswith(prefix))
+
+
+def namespace_pids(netns: str) -> list[int]:
+    """Processes in network namespace NETNS (what `ip netns pids` prints), read from /proc."""
+    try:
+        want = os.stat(os.path.join(NETNS_DIR, netns))
+    except FileNotFoundError:
+        return []
+    pids = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                st = os.stat(f"/proc/{entry}/ns/net")
+            except OSError:
+                continue
+            if (st.st_dev, st.st_ino) == (want.st_dev, want.st_ino):
+                pids.append(int(entry))
+    return pids
 
 
 def gateway_settings(lab: Lab, i: int, runner_public) -> DeviceSettings:
@@ -224,10 +251,10 @@ async def _start_gateway_wireguard(lab: Lab, i: int) -> None:
     routes = [f"route replace {SOURCE}/32 dev {lab.gw_ifname(i)}"]
     if lab.ipv6:
         routes.append(f"route replace {SOURCE6}/128 dev {lab.gw_ifname(i)}")
-    _batch(lab.gw_ns(i), routes)
+    await _batch(lab.gw_ns(i), routes)
 
 
-def _config_text(lab: Lab, health: dict[str, str] | None = None, extra_routing: dict[str, str] | None = None) -> str:
+def config_text(lab: Lab, health: dict[str, str] | None = None, extra_routing: dict[str, str] | None = None) -> str:
     prefixes = [str(LAN)] + ([str(LAN6)] if lab.ipv6 else [])
     sources = [SOURCE] + ([SOURCE6] if lab.ipv6 else [])
     routing = {"prefixes": json.dumps(prefixes), "source": json.dumps(sources), **(extra_routing or {})}
@@ -273,7 +300,7 @@ def write_config(lab: Lab, path: str | None = None, **kwargs) -> str:
     """Write a hatun config for the lab's runner (PATH, default the lab's own); return its path."""
     path = path or lab.config_path
     with open(path, "w") as f:
-        f.write(_config_text(lab, **kwargs))
+        f.write(config_text(lab, **kwargs))
     return path
 
 
@@ -298,11 +325,11 @@ async def lab_up(name: str = "lab", gateways: int = 3, backend: str = "auto", ip
     os.makedirs(lab.dir, mode=0o700, exist_ok=True)
     os.makedirs(os.path.join(lab.dir, "run"), mode=0o700, exist_ok=True)
     try:
-        _build(lab)
+        await _build(lab)
         for i in range(1, gateways + 1):
             await _start_gateway_wireguard(lab, i)
-        _start_services(lab)
-        _wait_lan(lab)
+        await _start_services(lab)
+        await _wait_lan(lab)
         write_config(lab)
         lab.save()
     except BaseException:
@@ -336,58 +363,59 @@ def check_inotify(needed: int) -> None:
                        f" (sysctl -w fs.inotify.max_user_instances={max(1024, used + needed + 64)}) or use fewer gateways")
 
 
-def _build(lab: Lab) -> None:
+async def _build(lab: Lab) -> None:
     for i in range(1, lab.gateways + 1):
         for who in ("gw", "runner"):
             path = os.path.join(lab.dir, f"{who}{i}.key")
             if not os.path.exists(path):
                 write_private_key_file(path, PrivateKey.generate())
     for ns in lab.namespaces():
-        _run(["ip", "netns", "add", ns])
+        await run(["ip", "netns", "add", ns])
     lan6 = [f"addr add {SERVICE6}/64 dev lanbr nodad"] if lab.ipv6 else []
-    _batch(lab.lan, ["link set lo up", "link add name lanbr type bridge", f"addr add {SERVICE}/24 dev lanbr", *lan6, "link set dev lanbr up"])
+    await _batch(lab.lan, ["link set lo up", "link add name lanbr type bridge", f"addr add {SERVICE}/24 dev lanbr", *lan6, "link set dev lanbr up"])
     runner_cmds = ["link set lo up"]
     root_cmds = []
     for i in range(1, lab.gateways + 1):
         # Each veth is created straight inside its two namespaces: nothing appears in ours.
         root_cmds.append(f"link add name ul{i} netns {lab.runner} type veth peer name ul netns {lab.gw_ns(i)}")
         root_cmds.append(f"link add name lan netns {lab.gw_ns(i)} type veth peer name gw{i} netns {lab.lan}")
-    _batch(None, root_cmds)
+    await _batch(None, root_cmds)
     lan_ports = []
     for i in range(1, lab.gateways + 1):
         runner_ul, gw_ul = underlay(i)
         runner_cmds += [f"addr add {runner_ul} dev ul{i}", f"link set ul{i} up"]
         lan_ports += [f"link set dev gw{i} master lanbr", f"link set gw{i} up"]
         gw6 = [f"addr add {LAN6[i]}/64 dev lan nodad"] if lab.ipv6 else []
-        _batch(lab.gw_ns(i), ["link set lo up", f"addr add {gw_ul} dev ul", "link set ul up",
+        await _batch(lab.gw_ns(i), ["link set lo up", f"addr add {gw_ul} dev ul", "link set ul up",
                               f"addr add {LAN[i]}/24 dev lan", *gw6, "link set lan up"])
         settings = {"net.ipv4.ip_forward": "1", "net.ipv4.conf.all.rp_filter": "0"}
         if lab.ipv6:
             settings["net.ipv6.conf.all.forwarding"] = "1"
-        _sysctl(lab.gw_ns(i), settings)
+        await _sysctl(lab.gw_ns(i), settings)
         # Masquerade into the LAN: replies come back to the gateway that carried the request.
-        _run(["ip", "netns", "exec", lab.gw_ns(i), "nft", "-f", "-"], input=(
+        await run(["ip", "netns", "exec", lab.gw_ns(i), "nft", "-f", "-"], input=(
             "table inet hatunlab {\n"
             "  chain postrouting { type nat hook postrouting priority srcnat; oifname \"lan\" masquerade; }\n"
             "}\n"))
-    _batch(lab.runner, runner_cmds)
-    _batch(lab.lan, lan_ports)
+    await _batch(lab.runner, runner_cmds)
+    await _batch(lab.lan, lan_ports)
     if lab.ipv6:
-        _sysctl(lab.lan, {"net.ipv6.conf.all.accept_dad": "0"})
+        await _sysctl(lab.lan, {"net.ipv6.conf.all.accept_dad": "0"})
 
 
-def _wait_lan(lab: Lab) -> None:
+async def _wait_lan(lab: Lab) -> None:
     """Bounded wait until the service host reaches every gateway: a new bridge port may drop the
     first packets until the kernel has processed its carrier (linkwatch runs up to a second late)."""
     for i in range(1, lab.gateways + 1):
         for _ in range(20):
-            if _run(["ip", "netns", "exec", lab.lan, "ping", "-c", "1", "-W", "0.3", str(LAN[i])], check=False).returncode == 0:
+            if (await run(["ip", "netns", "exec", lab.lan, "ping", "-c", "1", "-W", "0.3", str(LAN[i])],
+                          check=False)).returncode == 0:
                 break
         else:
             raise LabError(f"the service host cannot reach gw{i} in the LAN ({LAN[i]})")
 
 
-def _start_services(lab: Lab) -> None:
+async def _start_services(lab: Lab) -> None:
     log_path = os.path.join(lab.dir, "services.log")
     addresses = [SERVICE] + ([SERVICE6] if lab.ipv6 else [])
     with open(log_path, "ab") as out:
@@ -395,18 +423,18 @@ def _start_services(lab: Lab) -> None:
                                 stdin=subprocess.DEVNULL, stdout=out, stderr=out, start_new_session=True)
     lab.pids["services"] = proc.pid
     # Bounded wait until the UDP echo listens: a few hundred ms here, far more on an emulated CPU.
-    deadline = time.monotonic() + SERVICE_START_TIMEOUT
-    while time.monotonic() < deadline:
-        res = _run(["ip", "netns", "exec", lab.lan, "ss", "-lun"], check=False)
-        if ":9000" in res.stdout:
-            return
-        if proc.poll() is not None:
-            raise LabError(f"the lab's service host exited: see {log_path}")
-        time.sleep(0.05)
+    with trio.move_on_after(SERVICE_START_TIMEOUT):
+        while True:
+            res = await run(["ip", "netns", "exec", lab.lan, "ss", "-lun"], check=False)
+            if ":9000" in res.stdout:
+                return
+            if proc.poll() is not None:
+                raise LabError(f"the lab's service host exited: see {log_path}")
+            await trio.sleep(0.05)
     raise LabError(f"the lab's service host did not start within {SERVICE_START_TIMEOUT:.0f} s: see {log_path}")
 
 
-def kill_pids(pids: list[int], grace: float = 3.0) -> None:
+async def kill_pids(pids: list[int], grace: float = 3.0) -> None:
     """SIGTERM, then SIGKILL after GRACE seconds, the processes PIDS; bounded."""
     for sig in (signal.SIGTERM, signal.SIGKILL):
         for pid in pids:
@@ -414,25 +442,25 @@ def kill_pids(pids: list[int], grace: float = 3.0) -> None:
                 os.kill(pid, sig)
             except ProcessLookupError:
                 pass
-        deadline = time.monotonic() + grace
-        while time.monotonic() < deadline:
-            pids = [p for p in pids if os.path.exists(f"/proc/{p}") and not _is_zombie(p)]
-            if not pids:
-                return
-            time.sleep(0.05)
+        with trio.move_on_after(grace):
+            while True:
+                pids = [p for p in pids if os.path.exists(f"/proc/{p}") and not _is_zombie(p)]
+                if not pids:
+                    return
+                await trio.sleep(0.05)
 
 
-def _reap(pid: int, timeout: float = 2.0) -> None:
+async def _reap(pid: int, timeout: float = 2.0) -> None:
     """Wait (bounded) until PID is gone; reap it when it is our child (the lab may run in-process)."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            if os.waitpid(pid, os.WNOHANG)[0] == pid:
-                return
-        except ChildProcessError:
-            if not os.path.exists(f"/proc/{pid}") or _is_zombie(pid):
-                return
-        time.sleep(0.02)
+    with trio.move_on_after(timeout):
+        while True:
+            try:
+                if os.waitpid(pid, os.WNOHANG)[0] == pid:
+                    return
+            except ChildProcessError:
+                if not os.path.exists(f"/proc/{pid}") or _is_zombie(pid):
+                    return
+            await trio.sleep(0.02)
 
 
 def _is_zombie(pid: int) -> bool:
@@ -452,14 +480,14 @@ async def lab_down(name: str = "lab") -> list[str]:
     namespaces = existing_namespaces(name)
     pids = []
     for ns in namespaces:
-        pids += [int(p) for p in _run(["ip", "netns", "pids", ns], check=False).stdout.split()]
+        pids += namespace_pids(ns)
     if pids:
-        kill_pids(pids)
+        await kill_pids(pids)
         removed.append(f"{len(pids)} processes")
     for ns in namespaces:
-        _run(["ip", "netns", "del", ns], check=False)
+        await run(["ip", "netns", "del", ns], check=False)
     removed += namespaces
-    for sock in _glob_sockets(name):
+    for sock in stale_sockets(name):
         try:
             os.unlink(sock)
             removed.append(sock)
@@ -472,7 +500,8 @@ async def lab_down(name: str = "lab") -> list[str]:
     return removed
 
 
-def _glob_sockets(name: str) -> list[str]:
+def stale_sockets(name: str) -> list[str]:
+    """wireguard-go UAPI sockets of lab NAME's interfaces."""
     from hatun.wireguard.uapi import SOCKET_DIR as d
     pattern = re.compile(rf"^hl{name}[gr]\d+\.sock$")
     try:
@@ -481,9 +510,10 @@ def _glob_sockets(name: str) -> list[str]:
         return []
 
 
-def _gateway_wireguard_pid(lab: Lab, i: int) -> int | None:
+def gateway_wireguard_pid(lab: Lab, i: int) -> int | None:
+    """PID of gateway I's wireguard-go (None: none, or a kernel device)."""
     ifname = lab.gw_ifname(i)
-    for pid in _run(["ip", "netns", "pids", lab.gw_ns(i)], check=False).stdout.split():
+    for pid in namespace_pids(lab.gw_ns(i)):
         try:
             with open(f"/proc/{pid}/cmdline", "rb") as f:
                 args = f.read().split(b"\0")
@@ -503,19 +533,19 @@ async def lab_fail(name: str, gw: str, mode: str = "blackhole") -> str:
     i = lab.gateway_index(gw)
     ns = lab.gw_ns(i)
     if mode == "blackhole":
-        _run(["ip", "netns", "exec", ns, "nft", "-f", "-"], input=(
+        await run(["ip", "netns", "exec", ns, "nft", "-f", "-"], input=(
             "table inet hatunfail {\n"
             "  chain in { type filter hook input priority -300; iifname \"ul\" drop; }\n"
             "  chain out { type filter hook output priority -300; oifname \"ul\" drop; }\n"
             "}\n"))
         what = f"gw{i}: underlay blackholed (all packets dropped on its link)"
     elif mode == "kill":
-        pid = _gateway_wireguard_pid(lab, i)
+        pid = gateway_wireguard_pid(lab, i)
         if pid is not None:
             os.kill(pid, signal.SIGKILL)
-            _reap(pid)
+            await _reap(pid)
         else:
-            _run(["ip", "-n", ns, "link", "del", lab.gw_ifname(i)], check=False)
+            await run(["ip", "-n", ns, "link", "del", lab.gw_ifname(i)], check=False)
         what = f"gw{i}: WireGuard peer killed"
     else:
         raise LabError(f"unknown failure mode {mode!r}: use blackhole or kill")
@@ -529,7 +559,7 @@ async def lab_heal(name: str, gw: str) -> str:
     require_root()
     lab = Lab.load(name)
     i = lab.gateway_index(gw)
-    _run(["ip", "netns", "exec", lab.gw_ns(i), "nft", "delete", "table", "inet", "hatunfail"], check=False)
+    await run(["ip", "netns", "exec", lab.gw_ns(i), "nft", "delete", "table", "inet", "hatunfail"], check=False)
     await _start_gateway_wireguard(lab, i)  # idempotent: restarts a killed peer, else changes nothing
     lab.failed.pop(f"gw{i}", None)
     lab.save()

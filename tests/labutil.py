@@ -7,6 +7,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 
 import pytest
 import trio
@@ -203,3 +204,16 @@ def assert_nothing_lost(flows, what: str) -> None:
     sent = sum(len(f.sent) for f in flows)
     lost = sum(len(f.lost()) for f in flows)
     assert lost <= max(3, LOSS_NOISE * sent), f"{what}: {lost} of {sent} packets lost"
+
+
+def wait_until(check, what: str, timeout: float, interval: float = 0.05):
+    """Call CHECK until it returns something true and return that; AssertionError naming WHAT after
+    TIMEOUT seconds. What a test would otherwise sleep for, it waits on with this."""
+    deadline = time.monotonic() + timeout
+    while True:
+        result = check()
+        if result:
+            return result
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout:g} s waiting for {what}")
+        time.sleep(interval)

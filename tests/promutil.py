@@ -19,17 +19,18 @@ import time
 import urllib.error
 import urllib.parse
 import urllib.request
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
+
+from tests.labutil import wait_until
 
 REPO = Path(__file__).resolve().parents[1]
 DASHBOARD = REPO / "dashboards" / "hatun.json"
 ALERTS = REPO / "config" / "alerts.yml"
 
-T = TypeVar("T")
 
 
 class PrometheusError(Exception):
@@ -45,18 +46,6 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
-
-
-def wait_until(check: Callable[[], T], what: str, timeout: float, interval: float = 0.2) -> T:
-    """Call CHECK until it returns something true and return that; TimeoutError after TIMEOUT seconds."""
-    deadline = time.monotonic() + timeout
-    while True:
-        result = check()
-        if result:
-            return result
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"{what}: not after {timeout:g}s")
-        time.sleep(interval)
 
 
 @dataclass
@@ -164,7 +153,7 @@ def _wait_ready(prom: Prometheus, proc: subprocess.Popen, log_path: Path, timeou
 
     try:
         wait_until(ready, f"prometheus ready on {prom.url}", timeout)
-    except TimeoutError as e:
+    except AssertionError as e:
         raise RuntimeError(f"{e}\n{_tail(log_path)}") from None
 
 

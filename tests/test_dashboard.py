@@ -302,7 +302,7 @@ def test_exactly_the_expected_alerts_trigger(scraping):
 
     try:
         wait_until(lambda: triggered() == expected, "expected alerts", timeout=20)
-    except TimeoutError:
+    except AssertionError:
         got = triggered()
         pytest.fail(f"missing: {sorted(expected - got, key=str)}; "
                     f"unexpected: {sorted(got - expected, key=str)}")

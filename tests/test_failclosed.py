@@ -23,7 +23,7 @@ import trio
 
 from hatun.lab import topology
 from hatun.netns import run_in_netns
-from tests.labutil import edit_config, hatun_cli, ns_output, routes_json
+from tests.labutil import edit_config, hatun_cli, ns_output, routes_json, wait_until
 
 pytestmark = pytest.mark.netns
 
@@ -116,16 +116,6 @@ class Sender:
         self.sock.close()
 
 
-def wait_for(check, timeout: float, what: str, interval: float = 0.05):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = check()
-        if value:
-            return value
-        time.sleep(interval)
-    raise AssertionError(f"timed out after {timeout} s waiting for {what}")
-
-
 def steering_table(lab) -> list[dict]:
     return routes_json(lab.runner, "route", "show", "table", "51820")
 
@@ -148,7 +138,7 @@ def test_no_clear_text_while_down_across_restart_and_after_a_crash(lab_factory, 
     try:
         # 0. Tunnels up: the traffic leaves encrypted (and the capture sees outgoing packets).
         capture.phase = "up"
-        wait_for(lambda: sender.sent.get("up", 0) >= 100, 10, "traffic through the tunnels")
+        wait_until(lambda: sender.sent.get("up", 0) >= 100, "traffic through the tunnels", 10)
         assert capture.outgoing.get("up", 0) > 0
 
         # (a) hatun runs, every tunnel failed: the prefixes are unreachable, not leaked.
@@ -156,7 +146,7 @@ def test_no_clear_text_while_down_across_restart_and_after_a_crash(lab_factory, 
         for i in range(1, lab.gateways + 1):
             trio.run(topology.lab_fail, lab.name, f"gw{i}", "blackhole")
         hatun.wait(lambda s: s["route"]["all_down"] and s["route"]["unreachable"], 5, "all down")
-        wait_for(lambda: sender.refused.get("all-down", 0) >= 100, 10, "sends refused while all down")
+        wait_until(lambda: sender.refused.get("all-down", 0) >= 100, "sends refused while all down", 10)
         for i in range(1, lab.gateways + 1):
             trio.run(topology.lab_heal, lab.name, f"gw{i}")
         capture.phase = "healing"
@@ -174,12 +164,12 @@ def test_no_clear_text_while_down_across_restart_and_after_a_crash(lab_factory, 
         assert "hatun" not in ns_output(lab.runner, "nft", "list", "tables")
         assert f"hl{lab.name}r" not in ns_output(lab.runner, "ip", "-o", "link")
         gap_refused = sender.refused.get("restart", 0)
-        wait_for(lambda: sender.refused.get("restart", 0) >= gap_refused + 100, 10, "sends refused in the gap")
+        wait_until(lambda: sender.refused.get("restart", 0) >= gap_refused + 100, "sends refused in the gap", 10)
         hatun = hatun_factory(lab)
         hatun.wait(lambda s: len(s["route"]["members"]) == 2, 15, "both in route after the restart")
         assert any(r.get("metric") == STUB_METRIC for r in steering_table(lab))
         capture.phase = "restarted"
-        wait_for(lambda: sender.sent.get("restarted", 0) >= 100, 10, "traffic through the tunnels again")
+        wait_until(lambda: sender.sent.get("restarted", 0) >= 100, "traffic through the tunnels again", 10)
         time.sleep(0.5)
         assert "repaired drift" not in hatun.log()
 
@@ -188,10 +178,10 @@ def test_no_clear_text_while_down_across_restart_and_after_a_crash(lab_factory, 
         hatun.kill9()
         for i in range(1, lab.gateways + 1):
             ns_output(lab.runner, "ip", "link", "del", lab.runner_ifname(i))
-        wait_for(lambda: only_the_stub(lab), 5, "the kernel to flush the routes over the devices")
+        wait_until(lambda: only_the_stub(lab), "the kernel to flush the routes over the devices", 5)
         assert ns_output(lab.runner, "ip", "nexthop") == ""
         crash_refused = sender.refused.get("crash", 0)
-        wait_for(lambda: sender.refused.get("crash", 0) >= crash_refused + 100, 10, "sends refused after the crash")
+        wait_until(lambda: sender.refused.get("crash", 0) >= crash_refused + 100, "sends refused after the crash", 10)
 
         assert capture.clear == {}, f"clear-text packets to {topology.LAN}: {capture.clear} {capture.examples}"
 
@@ -202,7 +192,7 @@ def test_no_clear_text_while_down_across_restart_and_after_a_crash(lab_factory, 
         assert res.returncode == 0, res.stderr
         assert steering_table(lab) == []
         assert not [line for line in ns_output(lab.runner, "ip", "rule").splitlines() if "proto 147" in line]
-        wait_for(lambda: capture.clear.get("opened", 0) >= 10, 10, "clear-text packets once the gate is open")
+        wait_until(lambda: capture.clear.get("opened", 0) >= 10, "clear-text packets once the gate is open", 10)
         assert set(capture.clear) == {"opened"}
     finally:
         sender.close()
@@ -226,8 +216,8 @@ def test_stop_keeps_the_gate_in_both_families_and_a_restart_adopts_it(lab_factor
     edit_config(lab, routing={"when_all_down": '"unreachable"'})
     hatun = hatun_factory(lab)
     hatun.wait(lambda s: len(s["route"]["members"]) == 1, 10, "in route")
-    time.sleep(0.5)
-    assert (stubs(lab, "-4"), stubs(lab, "-6")) == ([str(topology.LAN)], [str(topology.LAN6)])
+    wait_until(lambda: (stubs(lab, "-4"), stubs(lab, "-6")) == ([str(topology.LAN)], [str(topology.LAN6)]),
+               "the fail-closed stubs of both families", 5)
     assert hatun.stop(signal.SIGTERM) == 0
     assert (stubs(lab, "-4"), stubs(lab, "-6")) == ([str(topology.LAN)], [str(topology.LAN6)])
     assert len(routes_json(lab.runner, "-6", "route", "show", "table", "51820")) == 1

@@ -23,7 +23,7 @@ from hatun import control
 from hatun.lab import topology
 from hatun.netns import run_in_netns
 from tests.nsutil import freeze
-from tests.labutil import NsTcpProxy, edit_config, hatun_cli, ns_output
+from tests.labutil import NsTcpProxy, edit_config, hatun_cli, ns_output, wait_until
 
 pytestmark = pytest.mark.netns
 
@@ -490,7 +490,7 @@ def test_saturated_tunnels_stay_in_service(lab_factory, hatun_factory):
     server = subprocess.Popen(["ip", "netns", "exec", lab.lan, "iperf3", "-s", "-1", "-B", topology.SERVICE],
                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
-        time.sleep(0.5)
+        wait_until(lambda: ":5201" in ns_output(lab.lan, "ss", "-ltn"), "the iperf3 server to listen", 10)
         res = subprocess.run(["ip", "netns", "exec", lab.runner, "iperf3", "-c", topology.SERVICE, "-P", "8",
                               "-t", "20", "-J"], capture_output=True, text=True, timeout=60)
         assert res.returncode == 0, res.stderr

@@ -11,9 +11,15 @@ every field: a reply that does not fit gives StatusError, never a KeyError deep 
 from __future__ import annotations
 
 import dataclasses
+import os
+import time
 from dataclasses import dataclass, field
 
 import pydantic
+import trio
+
+from hatun import __version__
+from hatun.keys import redact
 
 # Fields marked so are for in-process readers only (metrics): not in the JSON.
 _INTERNAL = {"json": False}
@@ -135,3 +141,57 @@ def _to_json(obj):
 
 
 _ADAPTER = pydantic.TypeAdapter(Status)
+
+
+# --- produced here, from the running parts ---------------------------------------------------------
+
+
+def build_status(sup) -> Status:
+    """The state of hatun and of every tunnel it has a device for (SUP: the supervisor.Supervisor)."""
+    decision = sup.steerer.decision if sup.steerer else None
+    members = decision.member_names() if decision else ()
+    pinned = decision.pinned if decision else ()
+    tunnels = []
+    for key, t in sup.keyed_tunnels():
+        # Shown under its own name, unless a tunnel of the config has it too (a draining one that a
+        # reload replaced by one of the same name on another interface).
+        shown = t.name if sup.tunnels.get(t.name) in (t, None) else key
+        tunnels.append(tunnel_status(t, shown, in_route=key in members, pinned=key in pinned))
+    rl = sup.reloader
+    return Status(
+        version=__version__, pid=os.getpid(), config=sup.config_path, backend=sup.backend_name,
+        mode=sup.mode, started=sup.started_at, ready=sup.ready.is_set(),
+        route=RouteStatus(
+            prefixes=[str(p) for p in sup.config.routing.prefixes], members=list(members),
+            tier=decision.tier if decision else None, unreachable=bool(decision and decision.unreachable),
+            all_down=bool(decision and decision.all_down),
+            last_error=sup.steerer.last_error if sup.steerer else None),
+        reload=ReloadStatus(ok=rl.last_ok, message=rl.last_message, counts=dict(rl.counts)),
+        tunnels=tunnels, repairs=dict(sup.repairs),
+    )
+
+
+def tunnel_status(t, name: str, *, in_route: bool, pinned: bool) -> TunnelStatus:
+    """Tunnel T (a tunnel.TunnelRunner) in the status, under NAME; no secrets."""
+    now, wall = trio.current_time(), time.time()
+    c = t.counters
+    peer = c.status.peer if c.status else None
+    h = t.health
+    return TunnelStatus(
+        name=name, interface=t.ifname, state=str(t.state), health=str(h.health), drained=t.drained,
+        removing=t.removing, since=wall - (now - h.since), for_seconds=now - h.since,
+        rtt_seconds=h.rtt_avg, rtt_last_seconds=h.rtt_last, loss=h.loss,
+        weight=t.cfg.weight if in_route else 0, configured_weight=t.cfg.weight, priority=t.cfg.priority,
+        in_route=in_route, pinned=pinned,
+        rx_bytes=peer.rx_bytes if peer else None, tx_bytes=peer.tx_bytes if peer else None,
+        rx_rate=c.rx_rate, tx_rate=c.tx_rate,
+        last_handshake=peer.last_handshake if peer else None, handshake_age_seconds=t.handshake_age(),
+        endpoint=f"{t.endpoint[0]}:{t.endpoint[1]}" if t.endpoint else None,
+        endpoint_configured=str(t.cfg.endpoint), endpoint_error=t.endpoint_error,
+        probe=str(t.cfg.probe_target), last_failure=h.last_failure,
+        probes_ok=h.probes_ok, probes_failed=h.probes_failed, present=t.present,
+        last_error=redact(t.last_error) if t.last_error else None, restarts=t.restarts,
+        congested=t.detector.congested, late_replies=t.detector.late_replies,
+        transitions=dict(t.transitions),
+        rtt_counts=tuple(h.rtt_counts), rtt_sum=h.rtt_sum,
+    )

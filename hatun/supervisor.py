@@ -24,7 +24,7 @@ from contextlib import AsyncExitStack
 
 import trio
 
-from hatun import __version__, sysctl
+from hatun import sysctl
 from hatun.adoption import adopt, ownership_problems
 from hatun.config import Config, Secrets, Tunnel
 from hatun.health import State
@@ -38,7 +38,7 @@ from hatun.reloader import Reloader, ReloadResult
 from hatun.router import Router, choose_mode
 from hatun.rundir import RunDir, RunDirError, State as RunState
 from hatun.serving import RateLimitedLog
-from hatun.status import ReloadStatus, RouteStatus, Status
+from hatun.status import Status, build_status
 from hatun.steerer import Steerer
 from hatun.steering import Member
 from hatun.teardown import cleanup, remove_owned
@@ -127,7 +127,7 @@ class Supervisor:
             router = Router(self.rtnl, lay, self.lo_index, pinning)
             mode = await choose_mode(self.rtnl, lay, cfg.routing.mode)
             previous = await self._adopt(router, links)
-            self.steerer = Steerer(cfg, lay, router, mode, self.lo_index, self._keyed_tunnels,
+            self.steerer = Steerer(cfg, lay, router, mode, self.lo_index, self.keyed_tunnels,
                                    repairs=self.repairs, errors=self._errors, previous=previous)
             self.state.sysctls = sysctl.apply(sysctl.wanted_for(cfg.routing), self.state.sysctls)
             self.save_state()
@@ -281,7 +281,7 @@ class Supervisor:
         """Every tunnel hatun has devices for: the config's, and those draining after a reload."""
         return [*self.tunnels.values(), *self.draining]
 
-    def _keyed_tunnels(self) -> list[tuple[str, TunnelRunner]]:
+    def keyed_tunnels(self) -> list[tuple[str, TunnelRunner]]:
         # A draining tunnel may share its name with a new one (its interface was renamed): the
         # decision knows it as name@interface.
         return [(t.name if self.tunnels.get(t.name) is t else f"{t.name}@{t.ifname}", t) for t in self.runtimes()]
@@ -367,24 +367,4 @@ class Supervisor:
 
     def status(self) -> Status:
         """The state of hatun and of every tunnel it has a device for (no secrets): see hatun/status.py."""
-        decision = self.steerer.decision if self.steerer else None
-        members = decision.member_names() if decision else ()
-        pinned = decision.pinned if decision else ()
-        tunnels = []
-        for key, t in self._keyed_tunnels():
-            # Shown under its own name, unless a tunnel of the config has it too (a draining one that a
-            # reload replaced by one of the same name on another interface).
-            shown = t.name if self.tunnels.get(t.name) in (t, None) else key
-            tunnels.append(t.describe(shown, in_route=key in members, pinned=key in pinned))
-        rl = self.reloader
-        return Status(
-            version=__version__, pid=os.getpid(), config=self.config_path, backend=self.backend_name,
-            mode=self.mode, started=self.started_at, ready=self.ready.is_set(),
-            route=RouteStatus(
-                prefixes=[str(p) for p in self.config.routing.prefixes], members=list(members),
-                tier=decision.tier if decision else None, unreachable=bool(decision and decision.unreachable),
-                all_down=bool(decision and decision.all_down),
-                last_error=self.steerer.last_error if self.steerer else None),
-            reload=ReloadStatus(ok=rl.last_ok, message=rl.last_message, counts=dict(rl.counts)),
-            tunnels=tunnels, repairs=dict(self.repairs),
-        )
+        return build_status(self)

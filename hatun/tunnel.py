@@ -19,7 +19,6 @@ from __future__ import annotations
 import ipaddress
 import logging
 import socket
-import time
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -31,12 +30,10 @@ from hatun.config import Config, Tunnel
 from hatun.counters import DeviceCounters
 from hatun.detector import FailureDetector
 from hatun.health import State, Transition, TunnelHealth, display_state
-from hatun.keys import redact
 from hatun.netlink.core import NetlinkError, NetlinkTimeout
 from hatun.netlink.rtnl import Link, Rtnl
 from hatun.probes import ProbeEngine, ProbeStream
 from hatun.serving import RateLimitedLog
-from hatun.status import TunnelStatus
 from hatun.wireguard.model import DeviceSettings, DeviceStatus, PeerSettings, WireGuardError
 
 log = logging.getLogger("hatun")
@@ -58,6 +55,18 @@ class TunnelEnv:
     poke: Callable[[], None]  # something changed: the reconciler should look again
     repairs: Counter  # by kind of object repaired ("link")
     errors: RateLimitedLog
+
+
+async def resolve_endpoint(host: str, port: int, is_dns: bool) -> tuple[tuple[str, int] | None, str | None]:
+    """(address, port) of an endpoint, resolving a DNS name (bounded); (None, why) when it cannot."""
+    if not is_dns:
+        return (host, port), None
+    try:
+        with trio.fail_after(5):
+            infos = await trio.socket.getaddrinfo(host, port, type=socket.SOCK_DGRAM)
+        return (infos[0][4][0], port), None
+    except (OSError, trio.TooSlowError) as e:
+        return None, f"cannot resolve {host}: {getattr(e, 'strerror', None) or 'timeout'}"
 
 
 def device_settings(config: Config, t: Tunnel, key, endpoint: tuple[str, int] | None, fwmark: int) -> DeviceSettings:
@@ -310,18 +319,10 @@ class TunnelRunner:
     async def resolve(self) -> bool:
         """Resolve the endpoint (DNS names); True when the address changed."""
         ep = self.cfg.endpoint
-        if not ep.is_dns:
-            new = (ep.host, ep.port)
-        else:
-            try:
-                with trio.fail_after(5):
-                    infos = await trio.socket.getaddrinfo(ep.host, ep.port, type=socket.SOCK_DGRAM)
-                new = (infos[0][4][0], ep.port)
-                self.endpoint_error = None
-            except (OSError, trio.TooSlowError) as e:
-                self.endpoint_error = f"cannot resolve {ep.host}: {getattr(e, 'strerror', None) or 'timeout'}"
-                log.warning("%s: %s", self.name, self.endpoint_error)
-                return False
+        new, self.endpoint_error = await resolve_endpoint(ep.host, ep.port, ep.is_dns)
+        if new is None:
+            log.warning("%s: %s", self.name, self.endpoint_error)
+            return False
         changed = new != self.endpoint
         if changed and self.endpoint is not None:
             log.info("%s: endpoint %s now resolves to %s", self.name, ep.host, new[0])
@@ -430,31 +431,6 @@ class TunnelRunner:
             self._removal_scope.cancel()
 
     # ------------------------------------------------------------ counters and status
-
-    def describe(self, name: str, *, in_route: bool, pinned: bool) -> TunnelStatus:
-        """This tunnel in the status, under NAME (see hatun/status.py); no secrets."""
-        now, wall = trio.current_time(), time.time()
-        c = self.counters
-        peer = c.status.peer if c.status else None
-        h = self.health
-        return TunnelStatus(
-            name=name, interface=self.ifname, state=str(self.state), health=str(h.health), drained=self.drained,
-            removing=self.removing, since=wall - (now - h.since), for_seconds=now - h.since,
-            rtt_seconds=h.rtt_avg, rtt_last_seconds=h.rtt_last, loss=h.loss,
-            weight=self.cfg.weight if in_route else 0, configured_weight=self.cfg.weight, priority=self.cfg.priority,
-            in_route=in_route, pinned=pinned,
-            rx_bytes=peer.rx_bytes if peer else None, tx_bytes=peer.tx_bytes if peer else None,
-            rx_rate=c.rx_rate, tx_rate=c.tx_rate,
-            last_handshake=peer.last_handshake if peer else None, handshake_age_seconds=self.handshake_age(),
-            endpoint=f"{self.endpoint[0]}:{self.endpoint[1]}" if self.endpoint else None,
-            endpoint_configured=str(self.cfg.endpoint), endpoint_error=self.endpoint_error,
-            probe=str(self.cfg.probe_target), last_failure=h.last_failure,
-            probes_ok=h.probes_ok, probes_failed=h.probes_failed, present=self.present,
-            last_error=redact(self.last_error) if self.last_error else None, restarts=self.restarts,
-            congested=self.detector.congested, late_replies=self.detector.late_replies,
-            transitions=dict(self.transitions),
-            rtt_counts=tuple(h.rtt_counts), rtt_sum=h.rtt_sum,
-        )
 
     def handshake_age(self) -> float | None:
         """Seconds since the last handshake (monotonic clock); None: none seen."""

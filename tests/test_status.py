@@ -108,3 +108,15 @@ async def test_metrics_export_every_tunnel_of_the_status_in_every_family():
                 (family, name)
     assert "hatun_route_tunnels_in_service 1.0" in text
     assert 'hatun_route_repairs_total{object="route"} 1.0' in text
+
+
+async def test_a_runner_in_the_status_shows_its_state_and_no_secret():
+    from hatun.status import tunnel_status
+    from tests.fakes import make_runner
+
+    runner = make_runner("gw1")
+    runner.last_error = f"apply failed: key {runner.key.base64} refused"
+    t = tunnel_status(runner, "gw1", in_route=False, pinned=False)
+    assert (t.name, t.interface, t.state, t.weight, t.present) == ("gw1", "hat-gw1", "init", 0, False)
+    assert runner.key.base64 not in str(Status.from_json(status(t).to_json()))
+    assert tunnel_status(runner, "gw1", in_route=True, pinned=True).weight == 1

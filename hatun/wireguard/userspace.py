@@ -74,6 +74,35 @@ class _Device:
     scope: trio.CancelScope | None = None  # the watcher and log follower
     lock: trio.Lock = field(default_factory=trio.Lock)  # one apply / restart / delete at a time
 
+    def answered(self, pid: int | None) -> None:
+        """PID answered a UAPI request (whatever it said)."""
+        if pid is not None and self.pid == pid:
+            self.timeouts = 0
+            self.answered_at = trio.current_time()
+
+    def unanswered(self, pid: int | None, started: float) -> None:
+        """A UAPI request to PID, sent at STARTED, timed out."""
+        # Requests that overlap one already counted (several callers at the same moment) are the
+        # same silence: only a request sent after the last counted one gave up counts again. So
+        # HANG_LIMIT timeouts really are that many timeouts in a row, whatever the callers.
+        if pid is None or self.pid != pid or started < self.timeout_at:
+            return
+        if self.timeouts == 0:
+            self.silent_since = started
+        self.timeouts += 1
+        self.timeout_at = trio.current_time()
+        if self.timeouts >= HANG_LIMIT and self.timeout_at - self.silent_since >= HANG_AFTER and not self.hung.is_set():
+            log.warning("%s: wireguard-go (pid %d) left %d UAPI requests in a row unanswered: it is hung",
+                        self.ifname, pid, self.timeouts)
+            self.hung.set()
+
+    def new_process(self, pid: int, process: trio.Process | None) -> None:
+        """PID (PROCESS when it is our child) serves the device now."""
+        self.pid, self.process = pid, process
+        self.timeouts, self.timeout_at, self.answered_at = 0, -math.inf, -math.inf
+        if self.hung.is_set():
+            self.hung = trio.Event()
+
 
 class UserspaceBackend:
     """wireguard-go devices, one per interface, kept running and configured. Implements `Backend`.
@@ -235,6 +264,14 @@ class UserspaceBackend:
         dev = self._devices.get(ifname)
         return dev.pid if dev else None
 
+    def watched(self) -> list[_Device]:
+        """The devices whose processes are watched now."""
+        return [dev for dev in self._devices.values() if dev.scope is not None]
+
+    def log_path(self, ifname: str) -> str:
+        """Where IFNAME's wireguard-go writes its log."""
+        return self._procs.log_path(ifname)
+
     # --- hang detection ---
 
     async def _uapi(self, request, ifname: str, *args, timeout: float = uapi.TIMEOUT):
@@ -247,44 +284,15 @@ class UserspaceBackend:
             result = await request(ifname, *args, socket_dir=self._socket_dir, timeout=timeout)
         except uapi.UapiTimeout:
             if dev is not None:
-                self._unanswered(dev, pid, started)
+                dev.unanswered(pid, started)
             raise
         except (uapi.UapiRefused, uapi.UapiProtocolError):  # it did answer
             if dev is not None:
-                self._answered(dev, pid)
+                dev.answered(pid)
             raise
         if dev is not None:
-            self._answered(dev, pid)
+            dev.answered(pid)
         return result
-
-    @staticmethod
-    def _answered(dev: _Device, pid: int | None) -> None:
-        if pid is not None and dev.pid == pid:
-            dev.timeouts = 0
-            dev.answered_at = trio.current_time()
-
-    @staticmethod
-    def _unanswered(dev: _Device, pid: int | None, started: float) -> None:
-        # Requests that overlap one already counted (several callers at the same moment) are the
-        # same silence: only a request sent after the last counted one gave up counts again. So
-        # HANG_LIMIT timeouts really are that many timeouts in a row, whatever the callers.
-        if pid is None or dev.pid != pid or started < dev.timeout_at:
-            return
-        if dev.timeouts == 0:
-            dev.silent_since = started
-        dev.timeouts += 1
-        dev.timeout_at = trio.current_time()
-        if dev.timeouts >= HANG_LIMIT and dev.timeout_at - dev.silent_since >= HANG_AFTER and not dev.hung.is_set():
-            log.warning("%s: wireguard-go (pid %d) left %d UAPI requests in a row unanswered: it is hung",
-                        dev.ifname, pid, dev.timeouts)
-            dev.hung.set()
-
-    @staticmethod
-    def _new_process(dev: _Device, pid: int, process: trio.Process | None) -> None:
-        dev.pid, dev.process = pid, process
-        dev.timeouts, dev.timeout_at, dev.answered_at = 0, -math.inf, -math.inf
-        if dev.hung.is_set():
-            dev.hung = trio.Event()
 
     async def serve_liveness(self) -> None:
         """Ask every watched wireguard-go that nothing else talked to lately for its state, so that a
@@ -315,7 +323,7 @@ class UserspaceBackend:
 
     async def _spawn(self, dev: _Device) -> None:
         def started(process: trio.Process, log_start: int) -> None:
-            self._new_process(dev, process.pid, process)
+            dev.new_process(process.pid, process)
             dev.started_at = trio.current_time()
             if dev.scope is None:
                 dev.log_pos = log_start
@@ -345,7 +353,7 @@ class UserspaceBackend:
                 pass
             if pid is not None:
                 log.info("%s: adopted running wireguard-go (pid %d)", dev.ifname, pid)
-                self._new_process(dev, pid, None)
+                dev.new_process(pid, None)
                 dev.started_at = -math.inf  # age unknown: treat it as stable
                 dev.log_pos = self._procs.log_size(dev.ifname)
         if pid is not None:
@@ -457,30 +465,24 @@ class UserspaceBackend:
             except Exception:
                 log.exception("%s: on_recreated callback failed", ifname)
 
-    async def follow_logs(self) -> None:
-        """Forward new lines of every watched wireguard-go's log file to our logger (files, so they
-        survive us). One task for all devices: a wakeup per device would cost more than the work."""
-        while True:
-            await trio.sleep(LOG_POLL)
-            for dev in list(self._devices.values()):
-                if dev.scope is not None:
-                    self._read_log(dev)
 
-    def _read_log(self, dev: _Device) -> None:
-        path = self._procs.log_path(dev.ifname)
-        try:
-            self._read_log_file(dev, path)
-        except OSError as e:  # e.g. EMFILE, or a symlink planted there: the log can wait
-            problem = f"cannot read {path}: {e.strerror or e}"
-            log.log(logging.DEBUG if problem == dev.log_problem else logging.WARNING, "%s: %s", dev.ifname, problem)
-            dev.log_problem = problem
-        else:
+async def follow_logs(backend: UserspaceBackend) -> None:
+    """Forward new lines of every watched wireguard-go's log file to our logger (files, so they
+    survive us). One task for all devices: a wakeup per device would cost more than the work."""
+    while True:
+        await trio.sleep(LOG_POLL)
+        for dev in backend.watched():
+            path = backend.log_path(dev.ifname)
+            try:
+                dev.log_pos, lines = read_new_lines(path, dev.log_pos)
+            except OSError as e:  # e.g. EMFILE, or a symlink planted there: the log can wait
+                problem = f"cannot read {path}: {e.strerror or e}"
+                log.log(logging.DEBUG if problem == dev.log_problem else logging.WARNING, "%s: %s", dev.ifname, problem)
+                dev.log_problem = problem
+                continue
             dev.log_problem = None
-
-    def _read_log_file(self, dev: _Device, path: str) -> None:
-        dev.log_pos, lines = read_new_lines(path, dev.log_pos)
-        for level, message in lines:
-            log.log(level, "%s: wireguard-go: %s", dev.ifname, message)
+            for level, message in lines:
+                log.log(level, "%s: wireguard-go: %s", dev.ifname, message)
 
 
 @asynccontextmanager
@@ -513,7 +515,7 @@ async def open_userspace_backend(
             try:
                 backend = UserspaceBackend(nursery, rtnl, executable=exe, run_dir=run_dir, netns=netns,
                                            socket_dir=socket_dir, on_recreated=on_recreated)
-                nursery.start_soon(backend.follow_logs)
+                nursery.start_soon(follow_logs, backend)
                 nursery.start_soon(backend.serve_liveness)
                 yield backend
             finally:

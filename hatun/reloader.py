@@ -48,8 +48,11 @@ class ReloadResult:
 class Reloader:
     """The reloads of one supervisor, and what they did (for status and metrics)."""
 
-    def __init__(self, sup: Supervisor) -> None:
+    def __init__(self, sup: Supervisor, read_config=None) -> None:
         self.sup = sup
+        # READ_CONFIG(path) -> (config, secrets): in a thread by default, so that a large or slow
+        # file never stalls the probes (tests read in place, on a mock clock).
+        self._read_config = read_config or (lambda path: trio.to_thread.run_sync(load_config, path))
         self.counts: Counter = Counter()  # success / failure
         self.last_ok = True
         self.last_message: str | None = None
@@ -95,8 +98,7 @@ class Reloader:
             if self._pending is result:
                 self._pending = None  # from now on, a new request needs a new reload
             try:
-                # In a thread: a large or slow file must not stall the probes.
-                new, secrets = await trio.to_thread.run_sync(load_config, sup.config_path)
+                new, secrets = await self._read_config(sup.config_path)
             except ConfigUnreadable as e:
                 return self._done(False, f"reload refused, still running the previous config: {e}")
             except ConfigError as e:

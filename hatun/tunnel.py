@@ -145,6 +145,8 @@ class TunnelRunner:
 
     async def serve(self) -> None:
         """Run this tunnel's tasks until `stop`; a failure restarts this tunnel alone, with backoff."""
+        if self.done.is_set():
+            return  # stopped before it started
         try:
             async with trio.open_nursery() as nursery:
                 self._nursery, self._scope = nursery, nursery.cancel_scope
@@ -157,6 +159,8 @@ class TunnelRunner:
         """End every task of this tunnel (its device stays: deleting it is the caller's decision)."""
         if self._scope is not None:
             self._scope.cancel()
+        else:  # not started (yet): it never will
+            self.done.set()
 
     @property
     def running(self) -> bool:

@@ -29,6 +29,12 @@ def make_config(tunnels: list[str] | dict[str, dict[str, str]] = ("gw1", "gw2"),
                 health: str = "", top: str = "") -> Config:
     """A valid config with TUNNELS (names, or names -> extra TOML keys of that tunnel, values as TOML);
     ROUTING, HEALTH: lines of those tables (ROUTING without `prefixes` gets 198.19.77.0/24)."""
+    return parse_config(config_text(tunnels, routing=routing, health=health, top=top))
+
+
+def config_text(tunnels: list[str] | dict[str, dict[str, str]] = ("gw1", "gw2"), *, routing: str = "",
+                health: str = "", top: str = "") -> str:
+    """The TOML text of `make_config` (keys from the environment variable HATUN_TEST_KEY)."""
     items = tunnels.items() if isinstance(tunnels, dict) else ((n, {}) for n in tunnels)
     if "prefixes" not in routing:
         routing = 'prefixes = ["198.19.77.0/24"]\n' + routing
@@ -37,7 +43,7 @@ def make_config(tunnels: list[str] | dict[str, dict[str, str]] = ("gw1", "gw2"),
         text += "[health]\n" + health + "\n"
     for n, (name, keys) in enumerate(items, start=1):
         text += tunnel_toml(name, n, **keys)
-    return parse_config(text)
+    return text
 
 
 class NullBackend:

@@ -115,3 +115,11 @@ async def test_congestion_guard_takes_a_one_way_failure_down(autojump_clock):
         await fail_while_traffic_arrives(runner, rtnl, probes.streams[0])  # and no reply comes back
         await wait_until(lambda: runner.health.health is State.DOWN, 10)
         runner.stop()
+
+
+async def test_a_runner_stopped_before_it_starts_never_runs(autojump_clock):
+    runner, backend, rtnl, probes = started_runner()
+    runner.stop()
+    assert runner.done.is_set()
+    await runner.serve()
+    assert backend.applied == [] and probes.streams == []

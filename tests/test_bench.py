@@ -15,15 +15,22 @@ pytestmark = [pytest.mark.netns, pytest.mark.slow]
 def test_quick_bench_of_every_scenario():
     if not have_netns():
         pytest.skip("needs root")
-    res = subprocess.run([sys.executable, "-m", "hatun", "lab", "bench", "--quick", "--runs", "1", "--json"],
-                         capture_output=True, text=True, timeout=900)
-    assert res.returncode == 0, res.stderr[-3000:]
-    doc = json.loads(res.stdout)
+    bench = subprocess.Popen([sys.executable, "-m", "hatun", "lab", "bench", "--quick", "--runs", "1", "--json"],
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        stdout, stderr = bench.communicate(timeout=900)
+    finally:
+        if bench.poll() is None:
+            bench.kill()
+            bench.wait()
+    assert bench.returncode == 0, stderr[-3000:]
+    doc = json.loads(stdout)
     assert doc["machine"]["cpus"] >= 1 and doc["machine"]["backend"] in ("kernel", "userspace")
     scenarios = {f["scenario"].split("/")[0] for f in doc["figures"] if f["values"]}
     assert scenarios >= {"failover", "drain", "restart", "weights", "scale"}, scenarios
     for f in doc["figures"]:
         for v in f["values"]:
             assert v >= 0, f
+    # Its labs are named b<its pid % 10000, 4 digits><n>: none may be left (other suites may run labs).
     res = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True)
-    assert " hl-b" not in " " + res.stdout, "a benchmark lab was left behind"
+    assert f" hl-b{bench.pid % 10000:04d}" not in " " + res.stdout, "a benchmark lab was left behind"

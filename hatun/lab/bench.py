@@ -117,7 +117,7 @@ _n = 0
 def _lab_name() -> str:
     global _n
     _n += 1
-    return f"b{os.getpid() % 10000}{_n}"[:8]
+    return f"b{os.getpid() % 10000:04d}{_n}"[:8]
 
 
 async def _thread(fn, *args):

@@ -133,6 +133,7 @@ class Reloader:
         for name in plan.remove:
             t = sup.tunnels.pop(name)
             sup.draining.append(t)
+            t.begin_removal()  # before any revive below (a rename that keeps the interface)
             sup.spawn(f"{t.name}: removal", self._remove, t)
         updates = list(plan.update)
         for revive in plan.revive:
@@ -173,15 +174,22 @@ class Reloader:
         log.info("%s: removed from the config: draining for up to %s", t.name, sup.config.routing.drain_timeout)
         if not await t.drain_for_removal(sup.config.routing.drain_timeout):
             return  # back in the config
-        if t in sup.draining:
-            sup.draining.remove(t)
-        t.stop()
-        with trio.move_on_after(TEARDOWN_GRACE):
-            await t.done.wait()
-        sup.poke()
-        try:
-            await sup.backend.delete(t.ifname)
-        except WireGuardError as e:
-            log.error("%s: %s", t.name, e)
+        # Torn down under the reload lock: a reload sees it either draining (and may revive it) or
+        # gone, never half deleted; and it stays listed as draining (a stop deletes it then) until
+        # its device is gone.
+        async with self._lock:
+            if not t.removing:
+                return  # revived while we waited for the lock
+            t.stop()
+            with trio.move_on_after(TEARDOWN_GRACE):
+                await t.done.wait()
+            sup.poke()
+            with trio.CancelScope(shield=True), trio.move_on_after(TEARDOWN_GRACE):
+                try:
+                    await sup.backend.delete(t.ifname)
+                except WireGuardError as e:
+                    log.error("%s: %s", t.name, e)
+            if t in sup.draining:
+                sup.draining.remove(t)
         sup.poke()
         log.info("%s: torn down", t.name)

@@ -296,10 +296,13 @@ class TunnelRunner:
 
         WireGuard itself re-handshakes only after 15 s of sending without replies, and a gateway that
         restarted has forgotten the session: without this, recovery would take that long. The task
-        sleeps on an event while the tunnel is not down: no wakeups for healthy tunnels.
+        sleeps on an event while the tunnel is not down: no wakeups for healthy tunnels. (It also
+        starts kicking at once when it (re)starts on a tunnel that is down already: a restart of the
+        tunnel's tasks must not end the kicks.) A failed kick is logged; it never restarts the tunnel.
         """
         while True:
-            await self._went_down.wait()
+            if self.health.health is not State.DOWN:
+                await self._went_down.wait()
             self._went_down = trio.Event()
             while self.health.health is State.DOWN:
                 await trio.sleep(KICK_INTERVAL)
@@ -307,16 +310,23 @@ class TunnelRunner:
                     continue
                 if trio.current_time() - self.health.since < KICK_INTERVAL:
                     continue
-                await self.read_status()
-                # Silent: no handshake since it went down. A down tunnel with fresh handshakes (its
-                # probe target is down, not its path) keeps its session.
-                hs_at = self.counters.hs_at
-                if hs_at is None or hs_at < self.health.since:
-                    log.debug("%s: no reply and no fresh handshake: starting a new session", self.name)
-                    try:
-                        await self.env.backend.reset_peer(self.device_settings())
-                    except WireGuardError as e:
-                        log.debug("%s: %s", self.name, e)
+                try:
+                    await self._kick_if_silent()
+                except Exception as e:  # noqa: BLE001 - the next kick comes anyway
+                    self.env.errors.log(logging.WARNING, f"{self.name}: kick", "%s: session kick failed: %s: %s",
+                                        self.name, type(e).__name__, e)
+
+    async def _kick_if_silent(self) -> None:
+        await self.read_status()
+        # Silent: no handshake since it went down. A down tunnel with fresh handshakes (its probe
+        # target is down, not its path) keeps its session.
+        hs_at = self.counters.hs_at
+        if hs_at is None or hs_at < self.health.since:
+            log.debug("%s: no reply and no fresh handshake: starting a new session", self.name)
+            try:
+                await self.env.backend.reset_peer(self.device_settings())
+            except WireGuardError as e:
+                log.debug("%s: %s", self.name, e)
 
     # ------------------------------------------------------------ the endpoint
 
@@ -417,22 +427,31 @@ class TunnelRunner:
         self.env.poke()
         return True
 
-    async def drain_for_removal(self, limit: float) -> bool:
-        """Removed by a reload: take no new flows, and wait until the flows it carries are gone (at
-        most LIMIT seconds). False when `revive` came first (it stays)."""
+    def begin_removal(self) -> None:
+        """Removed by a reload: from now on it takes no new flows (`drain_for_removal` waits for the
+        old ones to end). Synchronous, so that a `revive` right after it always wins."""
         self.removing = True
+        self._removal_scope = trio.CancelScope()
         self.env.poke()
-        with trio.CancelScope() as scope:
-            self._removal_scope = scope
+
+    async def drain_for_removal(self, limit: float) -> bool:
+        """Wait until the flows it carries are gone (at most LIMIT seconds). False when `revive`
+        came first or meanwhile (it stays)."""
+        scope = self._removal_scope
+        if scope is None or not self.removing:
+            return False
+        with scope:
             await self.counters.wait_idle(limit, self.interval)
-        self._removal_scope = None
-        return not scope.cancelled_caught
+        if self._removal_scope is scope:
+            self._removal_scope = None
+        return self.removing and not scope.cancelled_caught
 
     def revive(self) -> None:
         """A reload brought this tunnel back before its removal ended: it stays."""
         self.removing = False
         if self._removal_scope is not None:
             self._removal_scope.cancel()
+            self._removal_scope = None
 
     # ------------------------------------------------------------ counters and status
 

@@ -140,3 +140,19 @@ async def test_a_refused_reload_changes_nothing(tmp_path, monkeypatch, autojump_
             assert not ok and words in message, message
             assert (dict(sup.tunnels), sup.config) == before and sup.draining == [] and sup.started == []
         assert reloader.counts == {"failure": 3} and not reloader.last_ok
+
+
+async def test_a_rename_that_keeps_the_interface_keeps_the_device(tmp_path, monkeypatch, autojump_clock):
+    monkeypatch.setenv("HATUN_TEST_KEY", PrivateKey.generate().base64)
+    path = tmp_path / "hatun.toml"
+    path.write_text(config_text(["gw1", "gw2"], routing='drain_timeout = "5s"'))
+    async with trio.open_nursery() as nursery:
+        sup = FakeSupervisor(str(path), nursery)
+        reloader = Reloader(sup, read_in_place)
+        gw2 = sup.tunnels["gw2"]
+        path.write_text(config_text({"gw1": {}, "gw9": {"interface": '"hat-gw2"'}}, routing='drain_timeout = "5s"'))
+        ok, message = await reload(reloader)
+        assert ok and message == "reloaded: -gw2 +gw9", message
+        await trio.sleep(60)
+        assert sup.tunnels["gw9"] is gw2 and gw2.cfg.name == "gw9" and not gw2.removing
+        assert sup.backend.deleted == [] and sup.draining == [] and not gw2.done.is_set()

@@ -123,3 +123,36 @@ async def test_a_runner_stopped_before_it_starts_never_runs(autojump_clock):
     assert runner.done.is_set()
     await runner.serve()
     assert backend.applied == [] and probes.streams == []
+
+
+async def test_kicks_go_on_when_a_down_tunnels_tasks_restart(autojump_clock):
+    from hatun.netlink.rtnl import Link
+    from hatun.wireguard.model import WireGuardError
+
+    runner, backend, rtnl, probes = started_runner()
+    failures = [WireGuardError("refused once")]
+    real_apply = backend.apply
+
+    async def apply(settings):
+        if failures and backend.applied:
+            raise failures.pop()
+        return await real_apply(settings)
+
+    backend.apply = apply
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(runner.serve)
+        await wait_until(lambda: probes.streams)
+        for _ in range(runner.health.fall):
+            probes.streams[0].on_result(False, None, "timeout")
+        await wait_until(lambda: runner.health.health is State.DOWN)
+        await trio.sleep(2.5 * KICK_INTERVAL)
+        assert backend.resets == 2
+        link = rtnl.links["hat-gw1"]
+        runner.set_link(Link(link.index, link.name, "tun", False, False, 1420))  # set down: re-applied...
+        await wait_until(lambda: runner.restarts == 1)  # ...which fails once: the tunnel's tasks restart
+        rtnl.add("hat-gw1", link.index)
+        await wait_until(lambda: runner.present)
+        kicked = backend.resets
+        await trio.sleep(3.5 * KICK_INTERVAL)
+        assert runner.health.health is State.DOWN and backend.resets >= kicked + 3
+        runner.stop()

@@ -251,8 +251,7 @@ class UserspaceBackend:
             return
         async with dev.lock:
             # One request: the peer is removed and added again in order, never missing in between.
-            lines, _ = uapi.diff_lines(settings, await self._uapi(uapi.get, settings.ifname), reset_peer=True)
-            await self._uapi(uapi.set, settings.ifname, lines)
+            await self._configure(settings, False, reset_peer=True)
 
     def generation(self, ifname: str) -> int:
         """How many wireguard-go processes this backend has started for IFNAME (0: none, or adopted)."""
@@ -361,10 +360,10 @@ class UserspaceBackend:
         await self._spawn(dev)
         return True
 
-    async def _configure(self, settings: DeviceSettings, created: bool) -> Changes:
+    async def _configure(self, settings: DeviceSettings, created: bool, *, reset_peer: bool = False) -> Changes:
         ifname = settings.ifname
         current = await self._uapi(uapi.get, ifname)
-        lines, changed = uapi.diff_lines(settings, current)
+        lines, changed = uapi.diff_lines(settings, current, reset_peer=reset_peer)
         if lines:
             start = self._procs.log_size(ifname)
             try:

@@ -149,11 +149,19 @@ class TcpConn:
 
 
 async def tcp_connections(netns: str | None, target: str, *, count: int = 8, duration: float = 5.0,
-                          interval: float = 0.2, port: int = 7) -> list[TcpConn]:
+                          interval: float = 0.2, port: int = 7,
+                          established: trio.Event | None = None) -> list[TcpConn]:
     """Keep COUNT TCP connections to the lab's echo service for DURATION seconds, exchanging a
-    message every INTERVAL; report each connection's fate (broken: why)."""
+    message every INTERVAL; report each connection's fate (broken: why). ESTABLISHED is set once
+    every connection knows its gateway (or has failed)."""
     family = socket.AF_INET6 if ":" in target else socket.AF_INET
     conns = [TcpConn(i) for i in range(count)]
+    pending = [count]
+
+    def settled() -> None:
+        pending[0] -= 1
+        if pending[0] == 0 and established is not None:
+            established.set()
 
     async def one(c: TcpConn) -> None:
         raw = run_in_netns(netns, lambda: socket.socket(family, socket.SOCK_STREAM | socket.SOCK_CLOEXEC))
@@ -170,6 +178,7 @@ async def tcp_connections(netns: str | None, target: str, *, count: int = 8, dur
                         raise ConnectionResetError("closed by peer")
                     greeting += chunk
             c.gateway = greeting.decode(errors="replace").split()[-1]
+            settled()
             deadline = trio.current_time() + duration
             while trio.current_time() < deadline:
                 msg = f"hatun {c.index} {c.exchanges}\n".encode()
@@ -186,6 +195,8 @@ async def tcp_connections(netns: str | None, target: str, *, count: int = 8, dur
             await stream.aclose()
         except (OSError, trio.TooSlowError, trio.BrokenResourceError) as e:
             c.broken = type(e).__name__ + (f": {e}" if str(e) else "")
+            if c.gateway is None:
+                settled()
         finally:
             sock.close()
 

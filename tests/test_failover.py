@@ -107,7 +107,7 @@ async def test_failback_moves_no_flow_and_new_flows_use_the_recovered_tunnel(lab
     # New flows reach the recovered tunnel at once (its weighted share, ~1/3).
     new = await traffic.udp_flows(lab.runner, topology.SERVICE, flows=60, rate=600, duration=1.5)
     share = new.share()
-    assert 0.15 <= share.get("gw2", 0) <= 0.55, share
+    assert 0.08 <= share.get("gw2", 0) <= 0.60, share  # 60 flows at 1/3: 4 standard deviations either way
 
 
 async def test_priority_tiers(lab_factory, hatun_factory):

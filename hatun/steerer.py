@@ -59,22 +59,21 @@ class Steerer:
         """Something changed: look again (soon, coalesced)."""
         self._poke.set()
 
-    def views(self) -> list[TunnelView]:
-        return [TunnelView(key, t.ifname, t.slot, t.cfg.weight, t.cfg.priority, t.health.health,
-                           drained=t.drained or t.removing, present=t.present, presumed_up=t.presumed_up)
-                for key, t in self.tunnels()]
-
     def wanted(self) -> Wanted:
         """Decide and plan (pure but for reading the tunnels' state)."""
         r = self.config.routing
-        decision = decide(self.views(), r.when_all_down, self.previous_members)
+        keyed = self.tunnels()
+        views = [TunnelView(key, t.ifname, t.slot, t.cfg.weight, t.cfg.priority, t.health.health,
+                            drained=t.drained or t.removing, present=t.present, presumed_up=t.presumed_up)
+                 for key, t in keyed]
+        decision = decide(views, r.when_all_down, self.previous_members)
         if decision.members and not decision.all_down:
             self.previous_members = decision.members
         self.decision = decision
         tunnels = [RenderTunnel(key, t.slot, t.ifindex if t.present else None, t.ifname,
                                 tuple(a.network for a in t.cfg.address),
                                 {a.version: default_peer_address(a) for a in t.cfg.address})
-                   for key, t in self.tunnels()]
+                   for key, t in keyed]
         return render(decision, tunnels, prefixes=r.prefixes, sources=r.source, layout=self.layout, mode=self.mode,
                       resilient=Resilient(r.buckets, r.idle_timer, r.unbalanced_timer), pin_flows=r.pin_flows,
                       lo_index=self.lo_index, fail_closed=r.when_all_down == "unreachable")

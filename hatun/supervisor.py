@@ -41,10 +41,8 @@ from hatun.serving import RateLimitedLog
 from hatun.status import Status, build_status
 from hatun.steerer import Steerer
 from hatun.steering import Member
-from hatun.teardown import cleanup, remove_owned
-from hatun.tunnel import TunnelEnv, TunnelRunner, device_settings, refresh_statuses
-
-__all__ = ["Supervisor", "SupervisorError", "cleanup", "device_settings"]
+from hatun.teardown import remove_owned
+from hatun.tunnel import TunnelEnv, TunnelRunner, refresh_statuses
 
 log = logging.getLogger("hatun")
 

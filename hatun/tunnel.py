@@ -162,10 +162,6 @@ class TunnelRunner:
         else:  # not started (yet): it never will
             self.done.set()
 
-    @property
-    def running(self) -> bool:
-        return self._scope is not None and not self.done.is_set()
-
     async def _serve_with_restarts(self) -> None:
         backoff = 0.5
         while True:

@@ -16,7 +16,7 @@ import trio
 from hatun.config import load_config
 from hatun.lab import topology
 from hatun.netns import run_in_netns
-from hatun.supervisor import device_settings
+from hatun.tunnel import device_settings
 from hatun.wireguard.userspace import open_userspace_backend
 from tests.labutil import hatun_cli, ns_output
 

@@ -72,6 +72,19 @@ class FakeSupervisor:
         pass
 
 
+def config_file(tmp_path, monkeypatch, text: str):
+    """A config file with TEXT (its tunnels' key from HATUN_TEST_KEY, set here)."""
+    monkeypatch.setenv("HATUN_TEST_KEY", PrivateKey.generate().base64)
+    path = tmp_path / "hatun.toml"
+    path.write_text(text)
+    return path
+
+
+def start(path, nursery: trio.Nursery) -> tuple[FakeSupervisor, Reloader]:
+    sup = FakeSupervisor(str(path), nursery)
+    return sup, Reloader(sup, read_in_place)
+
+
 async def read_in_place(path: str):
     return load_config(path)
 
@@ -84,12 +97,9 @@ async def reload(reloader: Reloader) -> tuple[bool, str]:
 
 
 async def test_reload_adds_updates_drains_and_tears_down(tmp_path, monkeypatch, autojump_clock):
-    monkeypatch.setenv("HATUN_TEST_KEY", PrivateKey.generate().base64)
-    path = tmp_path / "hatun.toml"
-    path.write_text(config_text(["gw1", "gw2"], routing='drain_timeout = "5s"'))
+    path = config_file(tmp_path, monkeypatch, config_text(["gw1", "gw2"], routing='drain_timeout = "5s"'))
     async with trio.open_nursery() as nursery:
-        sup = FakeSupervisor(str(path), nursery)
-        reloader = Reloader(sup, read_in_place)
+        sup, reloader = start(path, nursery)
         gw1, gw2 = sup.tunnels["gw1"], sup.tunnels["gw2"]
         path.write_text(config_text({"gw1": {"weight": "3"}, "gw3": {}}, routing='drain_timeout = "5s"'))
         ok, message = await reload(reloader)
@@ -103,12 +113,9 @@ async def test_reload_adds_updates_drains_and_tears_down(tmp_path, monkeypatch, 
 
 
 async def test_removed_then_back_before_its_drain_ends_stays(tmp_path, monkeypatch, autojump_clock):
-    monkeypatch.setenv("HATUN_TEST_KEY", PrivateKey.generate().base64)
-    path = tmp_path / "hatun.toml"
-    path.write_text(config_text(["gw1", "gw2"], routing='drain_timeout = "60s"'))
+    path = config_file(tmp_path, monkeypatch, config_text(["gw1", "gw2"], routing='drain_timeout = "60s"'))
     async with trio.open_nursery() as nursery:
-        sup = FakeSupervisor(str(path), nursery)
-        reloader = Reloader(sup, read_in_place)
+        sup, reloader = start(path, nursery)
         gw2 = sup.tunnels["gw2"]
         path.write_text(config_text(["gw1"], routing='drain_timeout = "60s"'))
         assert (await reload(reloader))[0]
@@ -122,12 +129,9 @@ async def test_removed_then_back_before_its_drain_ends_stays(tmp_path, monkeypat
 
 
 async def test_a_refused_reload_changes_nothing(tmp_path, monkeypatch, autojump_clock):
-    monkeypatch.setenv("HATUN_TEST_KEY", PrivateKey.generate().base64)
-    path = tmp_path / "hatun.toml"
-    path.write_text(config_text(["gw1", "gw2"]))
+    path = config_file(tmp_path, monkeypatch, config_text(["gw1", "gw2"]))
     async with trio.open_nursery() as nursery:
-        sup = FakeSupervisor(str(path), nursery)
-        reloader = Reloader(sup, read_in_place)
+        sup, reloader = start(path, nursery)
         before = (dict(sup.tunnels), sup.config)
         for text, words in [
             ("[routing\n", "reload refused, still running the previous config"),  # not TOML
@@ -143,12 +147,9 @@ async def test_a_refused_reload_changes_nothing(tmp_path, monkeypatch, autojump_
 
 
 async def test_a_rename_that_keeps_the_interface_keeps_the_device(tmp_path, monkeypatch, autojump_clock):
-    monkeypatch.setenv("HATUN_TEST_KEY", PrivateKey.generate().base64)
-    path = tmp_path / "hatun.toml"
-    path.write_text(config_text(["gw1", "gw2"], routing='drain_timeout = "5s"'))
+    path = config_file(tmp_path, monkeypatch, config_text(["gw1", "gw2"], routing='drain_timeout = "5s"'))
     async with trio.open_nursery() as nursery:
-        sup = FakeSupervisor(str(path), nursery)
-        reloader = Reloader(sup, read_in_place)
+        sup, reloader = start(path, nursery)
         gw2 = sup.tunnels["gw2"]
         path.write_text(config_text({"gw1": {}, "gw9": {"interface": '"hat-gw2"'}}, routing='drain_timeout = "5s"'))
         ok, message = await reload(reloader)

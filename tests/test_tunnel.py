@@ -3,6 +3,8 @@ backend (the lab tests run the same code against real tunnels)."""
 
 from __future__ import annotations
 
+from contextlib import asynccontextmanager
+
 import trio
 
 from hatun.health import State
@@ -21,6 +23,25 @@ async def wait_until(predicate, limit: float = 5.0) -> None:
     with trio.fail_after(limit):
         while not predicate():
             await trio.sleep(0.01)
+
+
+@asynccontextmanager
+async def serving(runner, probes):
+    """RUNNER serving in a nursery of the test's; yields its probe stream once registered, stops it at the end."""
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(runner.serve)
+        await wait_until(lambda: probes.streams)
+        yield probes.streams[0]
+        runner.stop()
+
+
+def results(stream, ok: bool, count: int) -> None:
+    """COUNT probe results of STREAM: answered (1 ms) or timed out."""
+    for _ in range(count):
+        if ok:
+            stream.on_result(True, 0.001, None)
+        else:
+            stream.on_result(False, None, "timeout")
 
 
 async def test_serve_creates_the_device_and_registers_probes(autojump_clock):
@@ -48,8 +69,7 @@ async def test_stop_ends_every_task_of_the_tunnel_and_nothing_else(autojump_cloc
         nursery.start_soon(neighbour)
         await wait_until(lambda: probes.streams)
         stream = probes.streams[0]
-        for _ in range(runner.health.rise):
-            stream.on_result(True, 0.001, None)
+        results(stream, True, runner.health.rise)
         assert runner.health.health is State.UP
         stream.on_result(False, None, "timeout")  # starts a congestion check: a task of the tunnel's
         await trio.sleep(0)
@@ -61,60 +81,44 @@ async def test_stop_ends_every_task_of_the_tunnel_and_nothing_else(autojump_cloc
 
 async def test_a_down_silent_tunnel_gets_session_kicks_and_an_up_one_none(autojump_clock):
     runner, backend, rtnl, probes = started_runner()
-    async with trio.open_nursery() as nursery:
-        nursery.start_soon(runner.serve)
-        await wait_until(lambda: probes.streams)
-        stream = probes.streams[0]
-        for _ in range(runner.health.rise):
-            stream.on_result(True, 0.001, None)
+    async with serving(runner, probes) as stream:
+        results(stream, True, runner.health.rise)
         await trio.sleep(10 * KICK_INTERVAL)
         assert backend.resets == 0  # up: no kicks
-        for _ in range(runner.health.fall):
-            stream.on_result(False, None, "timeout")
+        results(stream, False, runner.health.fall)
         await wait_until(lambda: runner.health.health is State.DOWN)  # nothing arrived: down
         await trio.sleep(3.5 * KICK_INTERVAL)
         assert backend.resets == 3  # one per interval, from the first interval after going down
-        for _ in range(runner.health.rise):
-            stream.on_result(True, 0.001, None)
+        results(stream, True, runner.health.rise)
         kicked = backend.resets
         await trio.sleep(10 * KICK_INTERVAL)
         assert runner.health.health is State.UP and backend.resets <= kicked + 1
-        runner.stop()
 
 
 async def fail_while_traffic_arrives(runner, rtnl, stream) -> None:
     """An up tunnel whose probes fail `fall` times while a lot arrives through it."""
-    for _ in range(runner.health.rise):
-        stream.on_result(True, 0.001, None)
-    stream.on_result(False, None, "timeout")
+    results(stream, True, runner.health.rise)
+    results(stream, False, 1)
     await trio.sleep(0.05)  # the baseline of the rx counter is read
     rtnl.add("hat-gw1", rtnl.links["hat-gw1"].index, rx=1_000_000)  # the way in works
-    for _ in range(runner.health.fall - 1):
-        stream.on_result(False, None, "timeout")
+    results(stream, False, runner.health.fall - 1)
 
 
 async def test_congestion_guard_keeps_a_tunnel_that_receives_and_answers_late(autojump_clock):
     runner, backend, rtnl, probes = started_runner()
-    async with trio.open_nursery() as nursery:
-        nursery.start_soon(runner.serve)
-        await wait_until(lambda: probes.streams)
-        stream = probes.streams[0]
+    async with serving(runner, probes) as stream:
         await fail_while_traffic_arrives(runner, rtnl, stream)
         await trio.sleep(0.5)
         assert runner.health.health is State.UP and runner.health.suspect
         stream.on_late(0.8)  # the way out works too, slowly
         assert runner.health.health is State.UP and not runner.health.suspect and runner.detector.congested == 1
-        runner.stop()
 
 
 async def test_congestion_guard_takes_a_one_way_failure_down(autojump_clock):
     runner, backend, rtnl, probes = started_runner()
-    async with trio.open_nursery() as nursery:
-        nursery.start_soon(runner.serve)
-        await wait_until(lambda: probes.streams)
-        await fail_while_traffic_arrives(runner, rtnl, probes.streams[0])  # and no reply comes back
+    async with serving(runner, probes) as stream:
+        await fail_while_traffic_arrives(runner, rtnl, stream)  # and no reply comes back
         await wait_until(lambda: runner.health.health is State.DOWN, 10)
-        runner.stop()
 
 
 async def test_a_runner_stopped_before_it_starts_never_runs(autojump_clock):
@@ -139,11 +143,8 @@ async def test_kicks_go_on_when_a_down_tunnels_tasks_restart(autojump_clock):
         return await real_apply(settings)
 
     backend.apply = apply
-    async with trio.open_nursery() as nursery:
-        nursery.start_soon(runner.serve)
-        await wait_until(lambda: probes.streams)
-        for _ in range(runner.health.fall):
-            probes.streams[0].on_result(False, None, "timeout")
+    async with serving(runner, probes) as stream:
+        results(stream, False, runner.health.fall)
         await wait_until(lambda: runner.health.health is State.DOWN)
         await trio.sleep(2.5 * KICK_INTERVAL)
         assert backend.resets == 2
@@ -155,4 +156,3 @@ async def test_kicks_go_on_when_a_down_tunnels_tasks_restart(autojump_clock):
         kicked = backend.resets
         await trio.sleep(3.5 * KICK_INTERVAL)
         assert runner.health.health is State.DOWN and backend.resets >= kicked + 3
-        runner.stop()

@@ -394,7 +394,7 @@ def cmd_lab(args: argparse.Namespace) -> int:
             from hatun.lab.bench import run_bench
 
             report = trio.run(lambda: run_bench(args.scenarios, runs=args.runs, quick=args.quick, backend=args.backend,
-                                                slow=args.slow,
+                                                slow=args.slow, baseline=args.baseline,
                                                 progress=lambda s: print(s, file=sys.stderr, flush=True)))
             if args.json:
                 _print_json(report.to_json())
@@ -419,6 +419,16 @@ def cmd_lab(args: argparse.Namespace) -> int:
 
 
 # ---------------------------------------------------------------- parser
+
+
+def _fault_mode(text: str) -> str:
+    """`lab fail --mode`: checked here, so a typo is a usage error like any other (exit 2)."""
+    from hatun.lab.faults import parse_fault
+
+    try:
+        return str(parse_fault(text))
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -495,15 +505,22 @@ def build_parser() -> argparse.ArgumentParser:
     sp = lsub.add_parser("fail", help="break one gateway's path")
     sp.add_argument("gateway", metavar="GW", help="gw1, gw2, ...")
     sp.add_argument("--name", default="lab")
-    sp.add_argument("--mode", choices=("blackhole", "kill"), default="blackhole",
-                    help="blackhole: drop all packets on its underlay link; kill: kill its WireGuard peer")
+    sp.add_argument("--mode", type=_fault_mode, default="blackhole", metavar="MODE",
+                    help="blackhole (default): drop all packets on its underlay link; kill: kill its WireGuard"
+                         " peer; oneway: drop only the runner's packets to it; loss:N: drop N %% (0 < N <= 100)"
+                         " at random on each direction of its link, so a round trip is lost with probability"
+                         " 1-(1-N/100)^2 (loss:30 loses 51 %%); delay:D (delay:80ms, delay:0.08s; 1ms..10s):"
+                         " the round trip through its link grows by D (half each way)")
     sp = lsub.add_parser("demo", help="the lab, hatun on it, traffic, and gateways failing and healing, shown live")
     sp.add_argument("--duration", type=float, default=60.0, metavar="SECONDS")
     sp.add_argument("--name", default="demo")
     sp.add_argument("--backend", choices=("auto", "kernel", "userspace"), default="auto")
-    sp = lsub.add_parser("bench", help="measure failover, drain, restart, weights, throughput and scale on the lab")
+    sp = lsub.add_parser("bench", help="measure failover, gray failures, saturation, drain, restart, weights,"
+                                       " throughput and scale on the lab")
     sp.add_argument("scenarios", nargs="*", metavar="SCENARIO",
-                    help="failover, drain, restart, weights, throughput, scale (default: all)")
+                    help="failover, gray, saturation, drain, restart, weights, throughput, scale (default: all)")
+    sp.add_argument("--baseline", choices=("bfd",), default=None,
+                    help="bfd: the failover scenario also measures BIRD2 + BFD (50 ms x 3) over the same tunnels")
     sp.add_argument("--runs", type=int, default=5)
     sp.add_argument("--quick", action="store_true", help="small sizes: a smoke run that keeps the harness working")
     sp.add_argument("--json", action="store_true")

@@ -11,7 +11,8 @@ saturated tunnel or CPU, where moving its flows would break them at the gateways
   CONGESTION_GRACE seconds, and stays for good if any probe reply comes meanwhile (a new one, or a
   late reply to a probe that timed out). Without one, the way out is broken (a one-way failure): down.
 
-A stale WireGuard handshake (or none) counts as a failed probe.
+A stale WireGuard handshake (or none) counts as a failed probe. Gray failures (loss, latency) are
+judged by `TunnelHealth` from every probe's fate; the congestion guard never keeps a degraded tunnel.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from collections.abc import Awaitable, Callable
 
 import trio
 
-from hatun.health import State, Suspect, Transition, TunnelHealth
+from hatun.health import Quality, State, Suspect, Transition, TunnelHealth
 
 log = logging.getLogger("hatun")
 
@@ -39,9 +40,12 @@ class FailureDetector:
 
     def __init__(self, name: str, rise: int, fall: int, now: float, *,
                  link_rx: Callable[[], Awaitable[int | None]], spawn: Callable[..., None],
-                 on_transition: Callable[[Transition], None]) -> None:
+                 on_transition: Callable[[Transition], None], quality: Quality | None = None,
+                 on_weight: Callable[[float], None] = lambda share: None) -> None:
         self.name = name
-        self.health = TunnelHealth(name, rise, fall, now)
+        self.weight_share = 1.0  # of its configured weight (on_degraded = "reduce"), in steps of 0.1
+        self._on_weight = on_weight
+        self.health = TunnelHealth(name, rise, fall, now, quality)
         self.health.confirm_failures = True
         self.congested = 0  # probe failures that traffic showed to be congestion
         self.late_replies = 0  # replies to probes that had already timed out
@@ -74,16 +78,21 @@ class FailureDetector:
                 self._spawn("congestion check", self._note_rx_baseline, self._rx_baseline_ready)
         elif isinstance(result, Suspect):
             self._spawn("congestion check", self._confirm_down)
-        else:
-            self._on_transition(result)
+        if not isinstance(result, Suspect):
+            self._transition(result)
 
     def on_late_reply(self, rtt: float) -> None:
-        """A reply to a probe that had already timed out: the path works both ways, only slowly."""
+        """A reply to a probe that had been missed: the path works both ways, only slowly."""
         self.late_replies += 1
         self._note_evidence()
         if self.health.suspect:
             self.health.clear_suspect()
             self._congested(f"a late reply came after {rtt * 1000:.0f} ms")
+        self._transition(self.health.record_late(trio.current_time(), rtt))
+
+    def on_lost(self, sent: float) -> None:
+        """The reply of a probe SENT then never came."""
+        self._transition(self.health.record_lost(trio.current_time(), sent))
 
     def check_handshake(self, age: float | None, alive_for: float, limit: float) -> None:
         """A handshake AGE seconds old (None: none in ALIVE_FOR seconds) beyond LIMIT is a failed probe."""
@@ -94,9 +103,15 @@ class FailureDetector:
 
     def fail_now(self, reason: str) -> None:
         """Down at once (the tunnel's device or tasks failed)."""
-        transition = self.health.fail_now(trio.current_time(), reason)
+        self._transition(self.health.fail_now(trio.current_time(), reason))
+
+    def _transition(self, transition: Transition | None) -> None:
         if transition is not None:
             self._on_transition(transition)
+        share = round(self.health.weight_factor, 1)
+        if share != self.weight_share:
+            self.weight_share = share
+            self._on_weight(share)
 
     def _note_evidence(self) -> None:
         self._evidence.set()
@@ -141,6 +156,4 @@ class FailureDetector:
                 return  # a reply came: congested (logged by whoever cleared it)
             note = (f"; {received} bytes arrived meanwhile but no probe came back within"
                     f" {CONGESTION_GRACE:g} s more: the way to the gateway is broken")
-        transition = self.health.confirm_down(trio.current_time(), note)
-        if transition is not None:
-            self._on_transition(transition)
+        self._transition(self.health.confirm_down(trio.current_time(), note))

@@ -1,4 +1,22 @@
-"""Tunnel health: rise/fall hysteresis over probe results, RTT and loss averages. Pure (no I/O).
+"""Tunnel health: one tunnel's verdict from its probes. Pure (no I/O).
+
+Two judges give one verdict (in service: alive and not degraded):
+
+- **Liveness**, fast, like BFD: `fall` probes in a row without a timely reply take an up tunnel out,
+  `rise` timely replies in a row bring it back. "Timely" follows the tunnel's own round trips: the
+  probe timeout is `rto()`, RFC 6298's estimator (smoothed RTT plus four times its variation) kept
+  between a floor and a ceiling, so a fast path is judged in milliseconds and a slow or jittery one
+  gets the patience it needs. Every reply feeds the estimator, late ones too.
+- **Quality** (gray failures), slow, with hysteresis: the share of probes whose reply never came
+  (a late reply is an answer; see `record_lost`) over the last QUALITY_WINDOW probes, and the smoothed
+  RTT, against `Quality` limits. Past `max_loss` or `max_rtt` the tunnel is degraded; it recovers only
+  after staying at or below `recover_loss` and `recover_rtt` for `recover_time`. Probes sent while the
+  tunnel is dead do not count: a dead path is not a gray one.
+
+A dead tunnel tells which it was while it is down: a dead path answers nothing, a delayed one answers
+every probe late, a lossy one answers some and loses others. So when liveness brings a tunnel back
+after a death during which it both answered and lost probes, it comes back degraded (when quality
+limits are set): a path that loses half its packets dies and revives by chance, and must not flap.
 
 Probe results are fed in the order they complete, each with the time it completed; the clock is
 whatever the caller uses (Trio's clock in the supervisor, plain numbers in tests).
@@ -22,10 +40,47 @@ class State(str, enum.Enum):
         return self.value
 
 
-LOSS_WINDOW = 20  # probes over which the loss ratio is computed
-RTT_ALPHA = 0.2  # weight of a new sample in the RTT moving average (like TCP's SRTT: 1/8..1/4)
+QUALITY_WINDOW = 50  # probes over which the loss ratio is computed
+MIN_QUALITY_PROBES = 20  # no loss verdict on fewer
+FIRST_RISE = 3  # the first verdict after start needs this many answers (or `rise`, if fewer)
+GRAY_EVIDENCE = 2  # a death is gray when at least this many probes were answered and as many lost
+RTT_ALPHA, RTT_BETA, RTT_K = 1 / 8, 1 / 4, 4  # RFC 6298
+BASELINE_BUCKET = 30.0  # the baseline RTT is the smallest of the last BASELINE_BUCKETS x 30 s
+BASELINE_BUCKETS = 10
 # Upper bounds (seconds) of the RTT histogram's buckets; the metrics export it as it is.
 RTT_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
+
+
+@dataclass(frozen=True)
+class RttLimit:
+    """An RTT limit: VALUE seconds, or VALUE times the tunnel's baseline RTT when RELATIVE."""
+
+    value: float
+    relative: bool = False
+
+    def bound(self, baseline: float | None) -> float | None:
+        if not self.relative:
+            return self.value
+        return None if baseline is None else self.value * baseline
+
+    def __str__(self) -> str:
+        return f"{self.value:g}x" if self.relative else _ms(self.value)
+
+
+@dataclass(frozen=True)
+class Quality:
+    """Gray-failure limits of one tunnel (None: that limit is off)."""
+
+    max_loss: float | None = None
+    recover_loss: float = 0.05
+    max_rtt: RttLimit | None = None
+    recover_rtt: RttLimit | None = None  # None: max_rtt
+    recover_time: float = 10.0
+    action: str = "leave"  # "leave": degraded tunnels leave service; "reduce": their weight shrinks
+
+    @property
+    def enabled(self) -> bool:
+        return self.max_loss is not None or self.max_rtt is not None
 
 
 @dataclass(frozen=True)
@@ -48,20 +103,28 @@ class Transition:
 
 
 class TunnelHealth:
-    """Hysteresis for one tunnel: `rise` consecutive successes to enter service, `fall` consecutive
-    failures to leave it. A path that flaps faster than that never changes the verdict."""
+    """The verdict of one tunnel: liveness and quality (see the module docstring)."""
 
-    def __init__(self, name: str, rise: int, fall: int, now: float) -> None:
+    def __init__(self, name: str, rise: int, fall: int, now: float, quality: Quality | None = None) -> None:
         self.name = name
         self.rise = rise
         self.fall = fall
+        self.quality = quality or Quality()
         self.health = State.INIT
         self.since = now
-        self.successes = 0  # consecutive
-        self.failures = 0  # consecutive
+        self.alive: bool | None = None  # liveness: None before its first verdict
+        self.degraded: str | None = None  # why the quality is bad, or None
+        self.successes = 0  # consecutive timely replies
+        self.failures = 0  # consecutive probes without a timely reply
         self.rtt_last: float | None = None
-        self.rtt_avg: float | None = None
-        self._window: deque[bool] = deque(maxlen=LOSS_WINDOW)
+        self.srtt: float | None = None
+        self.rttvar: float | None = None
+        self._baseline: deque[tuple[int, float]] = deque(maxlen=BASELINE_BUCKETS)  # (bucket, smallest RTT)
+        self._fates: deque[bool] = deque(maxlen=QUALITY_WINDOW)  # answered (in time or late), or lost
+        self._good_since: float | None = None
+        self._alive_since = now  # fates of probes sent before count only if it never died since
+        self._down_answered = 0  # while dead: probes answered (outside the final `rise` run)...
+        self._down_missed = 0  # ... and probes missed, less the late replies since
         self.last_failure: str | None = None
         # With confirm_failures, an up tunnel that reaches `fall` failures becomes `suspect` instead
         # of down, until the caller confirms (confirm_down) or clears it (clear_suspect).
@@ -74,50 +137,107 @@ class TunnelHealth:
         self.rtt_counts = [0] * (len(RTT_BUCKETS) + 1)
         self.rtt_sum = 0.0
 
+    # ------------------------------------------------------------ what others read
+
+    @property
+    def rtt_avg(self) -> float | None:
+        """The smoothed RTT."""
+        return self.srtt
+
     @property
     def loss(self) -> float:
-        """Share of the last LOSS_WINDOW probes that failed (0.0 before any probe)."""
-        if not self._window:
+        """Share of the last QUALITY_WINDOW judged probes whose reply never came (0.0 before any)."""
+        if not self._fates:
             return 0.0
-        return self._window.count(False) / len(self._window)
+        return self._fates.count(False) / len(self._fates)
 
-    def configure(self, rise: int, fall: int) -> None:
+    @property
+    def baseline(self) -> float | None:
+        """The smallest RTT of the last few minutes: what this path takes when nothing queues."""
+        return min((m for _, m in self._baseline), default=None)
+
+    def rto(self, floor: float, ceiling: float) -> float:
+        """How long to wait for a probe's reply: SRTT + 4 RTTVAR within [FLOOR, CEILING] (the ceiling
+        before any RTT is known)."""
+        if self.srtt is None or self.rttvar is None:
+            return ceiling
+        return min(ceiling, max(floor, self.srtt + RTT_K * self.rttvar))
+
+    @property
+    def weight_factor(self) -> float:
+        """The share of its weight a tunnel keeps: 1.0, or less while degraded with action "reduce"
+        (in proportion to its loss, or to how far its RTT is past the limit)."""
+        if self.degraded is None or self.quality.action != "reduce":
+            return 1.0
+        factor = 1.0 - self.loss
+        bound = self.quality.max_rtt.bound(self.baseline) if self.quality.max_rtt else None
+        if bound and self.srtt and self.srtt > bound:
+            factor = min(factor, bound / self.srtt)
+        return max(0.05, factor)
+
+    # ------------------------------------------------------------ settings
+
+    def configure(self, rise: int, fall: int, quality: Quality | None = None) -> None:
         """New thresholds (a reload); the current verdict and counters stay."""
         self.rise, self.fall = rise, fall
+        if quality is not None and quality != self.quality:
+            self.quality = quality
+            if not quality.enabled:
+                self.degraded = None
+
+    # ------------------------------------------------------------ probe results
 
     def record(self, ok: bool, now: float, rtt: float | None = None,
                reason: str | None = None) -> Transition | Suspect | None:
-        """Feed one probe result. Returns the transition it caused, if any (or a Suspect to confirm).
-
-        `reason` says why a probe failed ("timeout", "connection refused", "handshake stale"...).
-        """
-        self._window.append(ok)
+        """Feed one probe's timely outcome: answered in time (with its RTT), or not (REASON: "no
+        reply within 25 ms", "connection refused"...). Whether a missed probe is answered late or
+        lost comes later (`record_late`, `record_lost`). Returns the transition it caused, if any
+        (or a Suspect to confirm)."""
         if ok:
             self.probes_ok += 1
             self.successes += 1
             self.failures = 0
             self.suspect = False
             if rtt is not None:
-                self.rtt_counts[bisect_left(RTT_BUCKETS, rtt)] += 1
-                self.rtt_sum += rtt
-                self.rtt_last = rtt
-                self.rtt_avg = rtt if self.rtt_avg is None else (1 - RTT_ALPHA) * self.rtt_avg + RTT_ALPHA * rtt
-            if self.health is not State.UP and self.successes >= self.rise:
-                return self._move(State.UP, now, f"{self.successes} probes answered, rtt {_ms(self.rtt_last)}")
-        else:
-            self.probes_failed += 1
-            self.failures += 1
-            self.successes = 0
-            self.last_failure = reason or "no reply"
-            if self.health is not State.DOWN and self.failures >= self.fall:
-                why = f"{self.failures} probes failed ({self.last_failure}), last rtt {_ms(self.rtt_last)}"
-                if self.health is State.UP and self.confirm_failures:
-                    if self.suspect:
-                        return None  # already being confirmed
-                    self.suspect = True
-                    return Suspect(self.name, why, now)
-                return self._move(State.DOWN, now, why)
+                self._sample(rtt, now)
+            self._judge_quality(True, now, now - (rtt or 0.0))
+            needed = min(self.rise, FIRST_RISE) if self.alive is None else self.rise
+            if not self.alive and self.successes >= needed:
+                self._revive(now)
+                return self._settle(now, f"{self.successes} probes answered, rtt {_ms(self.rtt_last)}")
+            return self._settle(now, "")
+        self.probes_failed += 1
+        self.failures += 1
+        if self.alive is False:
+            self._down_answered += self.successes  # a run too short to revive: answers all the same
+            self._down_missed += 1
+        self.successes = 0
+        self.last_failure = reason or "no reply"
+        if self.alive is not False and self.failures >= self.fall:
+            why = f"{self.failures} probes failed ({self.last_failure}), last rtt {_ms(self.rtt_last)}"
+            if self.health is State.UP and self.confirm_failures:
+                if self.suspect:
+                    return None  # already being confirmed
+                self.suspect = True
+                return Suspect(self.name, why, now)
+            return self._die(now, why)
         return None
+
+    def record_late(self, now: float, rtt: float) -> Transition | None:
+        """A reply to a probe that had been missed: the path works, only slowly. It ends a silence
+        (the run of failures starts afresh) and feeds the RTT estimator; it counts as answered."""
+        self._sample(rtt, now)
+        self.failures = 0
+        if self.alive is False:
+            self._down_answered += 1
+            self._down_missed = max(0, self._down_missed - 1)
+        self._judge_quality(True, now, now - rtt)
+        return self._settle(now, "")
+
+    def record_lost(self, now: float, sent: float) -> Transition | None:
+        """The reply of a probe SENT then never came (nor can it any more)."""
+        self._judge_quality(False, now, sent)
+        return self._settle(now, "")
 
     def confirm_down(self, now: float, note: str = "") -> Transition | None:
         """The suspect tunnel is down after all."""
@@ -125,7 +245,7 @@ class TunnelHealth:
             return None
         self.suspect = False
         why = f"{self.failures} probes failed ({self.last_failure}), last rtt {_ms(self.rtt_last)}{note}"
-        return self._move(State.DOWN, now, why) if self.health is not State.DOWN else None
+        return self._die(now, why)
 
     def clear_suspect(self) -> None:
         """The suspect tunnel is not down (e.g. it still carries traffic): start counting afresh."""
@@ -136,13 +256,104 @@ class TunnelHealth:
         """A verdict without probes: the tunnel cannot work at all (e.g. its device cannot be made)."""
         self.last_failure = reason
         self.successes = 0
-        if self.health is State.DOWN:
-            return None
-        return self._move(State.DOWN, now, reason)
+        self.suspect = False
+        return self._die(now, reason)
 
-    def _move(self, new: State, now: float, reason: str) -> Transition:
+    # ------------------------------------------------------------ inside
+
+    def _sample(self, rtt: float, now: float) -> None:
+        self.rtt_counts[bisect_left(RTT_BUCKETS, rtt)] += 1
+        self.rtt_sum += rtt
+        self.rtt_last = rtt
+        if self.srtt is None or self.rttvar is None:
+            self.srtt, self.rttvar = rtt, rtt / 2
+        else:
+            self.rttvar = (1 - RTT_BETA) * self.rttvar + RTT_BETA * abs(self.srtt - rtt)
+            self.srtt = (1 - RTT_ALPHA) * self.srtt + RTT_ALPHA * rtt
+        bucket = int(now // BASELINE_BUCKET)
+        if self._baseline and self._baseline[-1][0] == bucket:
+            if rtt < self._baseline[-1][1]:
+                self._baseline[-1] = (bucket, rtt)
+        else:
+            self._baseline.append((bucket, rtt))
+
+    def _die(self, now: float, why: str) -> Transition | None:
+        self.alive = False
+        self._good_since = None  # a degraded tunnel must stay good while alive
+        self._down_answered = self._down_missed = 0
+        return self._settle(now, why)
+
+    def _revive(self, now: float) -> None:
+        gray = self._down_answered >= GRAY_EVIDENCE and self._down_missed >= GRAY_EVIDENCE
+        if gray and self.quality.enabled:
+            if self.degraded is None:
+                self.degraded = (f"while down it answered {self._down_answered} probes and lost"
+                                 f" {self._down_missed}: a lossy path, not a dead one")
+            self._good_since = None
+            self._fates.clear()  # its recovery needs fresh evidence, not the window from before
+        elif self.quality.enabled and self.degraded is None:
+            self.degraded = self._quality_problem()  # e.g. back, but slower than max_rtt allows
+        self.alive = True
+        self._alive_since = now
+        self._down_answered = self._down_missed = 0
+
+    def _judge_quality(self, answered: bool, now: float, sent: float) -> None:
+        """Count the fate of a probe SENT while alive, and move the degraded flag with hysteresis."""
+        if self.alive is not True or sent < self._alive_since:
+            return
+        self._fates.append(answered)
+        q = self.quality
+        if not q.enabled:
+            return
+        bad = self._quality_problem()
+        if self.degraded is None:
+            if bad:
+                self.degraded, self._good_since = bad, None
+            return
+        if self._quality_good():
+            if self._good_since is None:
+                self._good_since = now
+        else:
+            self._good_since = None
+
+    def _quality_problem(self) -> str | None:
+        q, n = self.quality, len(self._fates)
+        if q.max_loss is not None and n >= MIN_QUALITY_PROBES and self.loss > q.max_loss:
+            return f"lost {self.loss:.0%} of the last {n} probes (max_loss {q.max_loss:.0%})"
+        bound = q.max_rtt.bound(self.baseline) if q.max_rtt else None
+        if bound is not None and self.srtt is not None and self.srtt > bound:
+            limit = f"{q.max_rtt} of the baseline, {_ms(bound)}" if q.max_rtt.relative else str(q.max_rtt)
+            return f"rtt {_ms(self.srtt)} (max_rtt {limit})"
+        return None
+
+    def _quality_good(self) -> bool:
+        q = self.quality
+        if len(self._fates) < MIN_QUALITY_PROBES:
+            return False
+        if q.max_loss is not None and self.loss > q.recover_loss:
+            return False
+        limit = q.recover_rtt or q.max_rtt
+        bound = limit.bound(self.baseline) if limit else None
+        return bound is None or self.srtt is None or self.srtt <= bound
+
+    def _settle(self, now: float, why: str) -> Transition | None:
+        """The verdict from liveness and quality; the transition if it changed."""
+        if self.degraded is not None and self._good_since is not None \
+                and now - self._good_since >= self.quality.recover_time:
+            self.degraded, self._good_since = None, None
+            if self.alive:
+                why = (f"loss {self.loss:.0%}, rtt {_ms(self.srtt)}: good for"
+                       f" {self.quality.recover_time:g} s")
+        if self.alive is None:
+            return None
+        leaves = self.degraded is not None and self.quality.action == "leave"
+        new = State.UP if self.alive and not leaves else State.DOWN
+        if new is self.health:
+            return None
+        if new is State.DOWN and self.alive:
+            why = self.degraded or why
         old, self.health, self.since = self.health, new, now
-        return Transition(self.name, old, new, reason, now)
+        return Transition(self.name, old, new, why, now)
 
 
 def display_state(health: State, drained: bool) -> State:

@@ -12,10 +12,11 @@ One `ProbeEngine` serves every tunnel, because per-tunnel sockets and timers cos
   replies, and times out and rechecks outstanding probes; while all is well it wakes twice per
   interval (to send, and to see the replies), whatever the number of tunnels.
 
-Per tunnel: one probe every `interval` (with jitter), each failing after `timeout`, results reported
-in the order they complete. When the oldest outstanding probe is overdue (no reply after several
-average round trips) one extra probe goes out at once, so that a dead path reaches `fall` failures
-sooner than the next regular probe would allow; timeouts keep their meaning.
+Per tunnel: one probe every `interval` (with jitter). A probe is missed when no reply came within
+the tunnel's adaptive timeout (`rto()`: from its RTT statistics, see `health.TunnelHealth.rto`); a
+missed probe is followed at once by another (while fewer than `fall` were missed in a row), so a dead
+path is found within `fall` timeouts of its first unanswered probe, not `fall` intervals. A missed
+probe may still be answered (a late reply, for LATE_WINDOW); else it is lost.
 """
 
 from __future__ import annotations
@@ -49,12 +50,11 @@ ICMP_FILTER = 1  # linux/icmp.h: a bitmask of ICMP types to DROP on a raw socket
 ICMP6_FILTER = 1
 ECHO_REPLY_V4, ECHO_REQUEST_V4 = 0, 8
 ECHO_REQUEST_V6, ECHO_REPLY_V6 = 128, 129
-# A probe that timed out is remembered this long: a reply that still comes proves that the path
-# works both ways (a congested tunnel, not a dead one). It counts as a late reply, never as a success.
-LATE_WINDOW = 5.0
-LATE_KEEP = 64  # timed-out probes remembered per tunnel, at most
-RECHECK_RTTS = 4  # an outstanding probe is overdue after this many average round trips
-RECHECK_FLOOR = 0.02  # ... but never sooner than this (seconds)
+# A missed probe is remembered this long: a reply that still comes proves that the path works both
+# ways (a slow or congested tunnel, not a dead one): a late reply, never a timely success. Without
+# one by then, the probe is lost (what the loss ratio counts).
+LATE_WINDOW = 2.0
+LATE_KEEP = 256  # missed probes remembered per tunnel, at most (older ones count as lost)
 # One task does everything, and wakes as rarely as it can: a wakeup costs 50-300 us of CPU (epoll,
 # timers and Trio's deadline machinery), far more than the work of a probe. So every probe due within
 # the shortest interval goes out in one batch (each tunnel still probes once per interval: the
@@ -76,6 +76,7 @@ RECEIVE_BATCH = 1024  # replies read per wakeup at most: a flood waits for the n
 
 OnResult = Callable[[bool, "float | None", "str | None"], None]
 OnLate = Callable[[float], None]
+OnLost = Callable[[float], None]  # the lost probe's send time
 
 
 def round_trip(sent_mono: float, sent_wall: float, received_wall: float | None, now_mono: float) -> float:
@@ -103,6 +104,10 @@ def _echo_checksum(ident: int, seq: int, payload_sum: int, echo_type: int) -> in
     return ~s & 0xFFFF
 
 
+def _missed(timeout: float) -> str:
+    return f"no reply within {timeout * 1000:.0f} ms"
+
+
 def _error_reason(e: OSError) -> str:
     if e.errno in (errno.ENODEV, errno.ENXIO):
         return "tunnel device missing"
@@ -117,19 +122,22 @@ class ProbeStream:
     """One tunnel's probes: settings, outstanding probes, and where results go."""
 
     def __init__(self, key: str, *, interval: float, timeout: float, jitter: float, on_result: OnResult,
-                 rtt_hint: Callable[[], float | None] = lambda: None, on_late: OnLate | None = None) -> None:
+                 rto: Callable[[], float] | None = None, fall: int = 1, on_late: OnLate | None = None,
+                 on_lost: OnLost | None = None) -> None:
         self.key = key
         self.interval, self.timeout, self.jitter = interval, timeout, jitter
-        self.on_result = on_result
-        self.on_late = on_late  # a reply to a probe that had already timed out (its RTT)
-        self.rtt_hint = rtt_hint
+        self.on_result = on_result  # a probe answered in time (its RTT), or missed or failed (why)
+        self.on_late = on_late  # a reply to a missed probe (its RTT)
+        self.on_lost = on_lost or (lambda sent: None)  # a missed or failed probe (sent then) will never be answered
+        self.rto = rto or (lambda: timeout)  # the current probe timeout (at most `timeout`)
+        self.fall = fall  # after this many misses in a row, no more immediate re-probes
+        self.misses = 0  # probes missed in a row (a reply, late or not, ends the run)
         self.sender: Callable[[int], str | None] = lambda seq: "not started"
         # seq -> (send time on Trio's clock, wall clock, probe number)
         self.pending: dict[int, tuple[float, float, int]] = {}
         self.late: dict[int, tuple[float, float]] = {}  # timed-out probes: seq -> (Trio time, wall) sent
         self.seq = 0  # on the wire: 1..0xFFFF, wrapping
         self.sent = 0  # probes sent so far (never wraps): orders probes across the wrap
-        self.rechecked_upto = 0  # an extra probe went out for every probe numbered up to this
         self.generation = 0  # bumped when settings change: older SEND events are void
         self.removed = False
         self.ident: tuple[int, int] | None = None  # (IP version, ICMP echo identifier)
@@ -139,9 +147,9 @@ class ProbeStream:
 class Scheduler:
     """The timers of many probe streams, in one task that wakes as rarely as it can.
 
-    Only the next send of each stream is a heap entry; timeouts and rechecks are found by looking
-    at the oldest outstanding probe of each stream that has one, on every wakeup (cheaper than an
-    entry per probe). Replies are read by `poll()` (set by the engine) on every wakeup: they wait in
+    Only the next send of each stream is a heap entry; misses and losses are found by looking at the
+    oldest outstanding probe of each stream that has one, on every wakeup (cheaper than an entry per
+    probe). Replies are read by `poll()` (set by the engine) on every wakeup: they wait in
     the socket buffer until then, and their RTT comes from the kernel's receive timestamp, so the
     wait costs no accuracy; before a probe is declared lost the socket is read."""
 
@@ -150,7 +158,7 @@ class Scheduler:
         self.wall = wall  # the wall clock that kernel receive stamps are compared with (tests step it)
         self._heap: list[tuple[float, int, ProbeStream, int]] = []  # next sends
         self._counter = itertools.count()
-        self._outstanding: set[ProbeStream] = set()  # streams with probes awaiting a reply
+        self._outstanding: set[ProbeStream] = set()  # streams with probes awaiting a reply (or a late one)
         self._streams: set[ProbeStream] = set()  # streams being probed
         self._wake = trio.Event()
         self._wake_at = math.inf  # when the timer task plans to look next
@@ -192,20 +200,34 @@ class Scheduler:
         RECEIVED_WALL: the kernel's receive time (wall clock), for an RTT unaffected by our delays."""
         pending = stream.pending
         sent = pending.pop(seq, None)
-        if not pending:
+        if not pending and not stream.late:
             self._outstanding.discard(stream)
         if stream.removed:
             return
         now = trio.current_time()
         if sent is None:
             late = stream.late.pop(seq, None)
-            if ok and late is not None and now - late[0] <= LATE_WINDOW and stream.on_late is not None:
-                stream.on_late(round_trip(late[0], late[1], received_wall, now))
+            if late is not None:
+                if ok:
+                    stream.misses = 0
+                    if stream.on_late is not None:
+                        stream.on_late(round_trip(late[0], late[1], received_wall, now))
+                else:
+                    stream.on_lost(late[0])
             return
         if not ok:
             stream.on_result(False, None, reason)
-        else:
-            stream.on_result(True, round_trip(sent[0], sent[1], received_wall, now), None)
+            stream.on_lost(sent[0])
+            return
+        stream.misses = 0
+        rtt = round_trip(sent[0], sent[1], received_wall, now)
+        timeout = stream.rto()
+        if rtt <= timeout:
+            stream.on_result(True, rtt, None)
+        else:  # came after its timeout, before we looked: missed, and answered late
+            stream.on_result(False, None, _missed(timeout))
+            if stream.on_late is not None:
+                stream.on_late(rtt)
 
     def _fire(self, stream: ProbeStream, now: float, wall: float) -> None:
         seq = stream.seq = stream.seq % 0xFFFF + 1
@@ -213,43 +235,47 @@ class Scheduler:
         failure = stream.sender(seq)
         if failure is not None:
             stream.on_result(False, None, failure)
+            stream.on_lost(now)
             return
         stream.pending[seq] = (now, wall, stream.sent)
         self._outstanding.add(stream)
 
     def _check_outstanding(self, now: float) -> float:
-        """Time out and recheck outstanding probes; return when this must be done next."""
+        """Judge outstanding probes: missed after the stream's timeout (then another goes out at
+        once), lost once LATE_WINDOW passed without a reply. Returns when this is due next."""
         next_due = math.inf
         for stream in tuple(self._outstanding):
-            pending, timeout = stream.pending, stream.timeout
+            if stream.removed:
+                self._outstanding.discard(stream)
+                continue
+            pending, late = stream.pending, stream.late
+            while late:  # oldest first
+                seq = next(iter(late))
+                if now < late[seq][0] + LATE_WINDOW and len(late) <= LATE_KEEP:
+                    next_due = min(next_due, late[seq][0] + LATE_WINDOW)
+                    break
+                stream.on_lost(late.pop(seq)[0])
+            timeout = stream.rto()
             while pending:  # oldest first: sequence numbers go up with time
                 seq = next(iter(pending))
                 sent = pending[seq][0]
                 if now < sent + timeout:
+                    next_due = min(next_due, sent + timeout)
                     break
-                late = stream.late
                 late[seq] = pending.pop(seq)[:2]
-                if len(late) > LATE_KEEP:
-                    del late[next(iter(late))]
-                stream.on_result(False, None, "timeout")
-            if not pending or stream.removed:
+                next_due = min(next_due, late[seq][0] + LATE_WINDOW)
+                stream.misses += 1
+                stream.on_result(False, None, _missed(timeout))
+                if stream.misses < stream.fall and not stream.removed:
+                    self._fire(stream, now, self.wall())
+                    next_due = min(next_due, now + timeout)
+            if not pending and not late:
                 self._outstanding.discard(stream)
-                continue
-            due = sent + timeout
-            if pending[seq][2] > stream.rechecked_upto and (rtt := stream.rtt_hint()) is not None:
-                overdue = max(RECHECK_RTTS * rtt, RECHECK_FLOOR)
-                if overdue < stream.timeout and overdue < stream.interval * (1 - stream.jitter):
-                    if now >= sent + overdue:
-                        self._fire(stream, now, self.wall())
-                        stream.rechecked_upto = stream.sent
-                    else:
-                        due = min(due, sent + overdue)
-            next_due = min(next_due, due)
         return next_due
 
     def run_due(self, now: float) -> float:
-        """Read replies; time out and recheck (never early); send what is due within a batch (early).
-        Returns when something is due next."""
+        """Read replies; judge outstanding probes (never early); send what is due within a batch
+        (early). Returns when something is due next."""
         self.poll()
         heap = self._heap
         due = self._check_outstanding(now)
@@ -264,11 +290,10 @@ class Scheduler:
                 if stream.removed or generation != stream.generation:
                     continue  # stopped, or settings changed since: a newer chain of sends runs
                 self._fire(stream, now, wall)
+                due = min(due, now + stream.rto())  # a look when it may be missed
                 later.append((max(when, now - self.batch) + stream.interval, stream, generation))
             for item in later:
                 self._push(*item)
-            # The probes just sent: a look when the first may be overdue (or its precise time then).
-            due = min(due, now + RECHECK_FLOOR)
         send_due = max(heap[0][0], self._next_batch) if heap else math.inf
         return min(due, send_due)
 

@@ -29,9 +29,16 @@ def check_summary(config, secrets, source: str, skipped_secrets: bool) -> str:
     lines.append(f"  prefixes: {', '.join(str(p) for p in r.prefixes)}")
     lines.append(f"  source: {src}; steering: {r.mode}; when all tunnels are down: {r.when_all_down}")
     h = config.health
+    q = h.quality()
+    gray = []
+    if q.max_loss is not None:
+        gray.append(f"loss over {q.max_loss:.0%} (back at {q.recover_loss:.0%})")
+    if q.max_rtt is not None:
+        gray.append(f"rtt over {q.max_rtt} (back at {q.recover_rtt or q.max_rtt})")
     lines.append(
-        f"  health: probe every {format_duration(h.interval)}, timeout {format_duration(h.timeout)},"
-        f" rise {h.rise}, fall {h.fall}"
+        f"  health: profile {h.profile}: probe every {format_duration(h.interval)}, timeout"
+        f" {format_duration(h.min_timeout)}-{format_duration(h.timeout)} from the RTT, rise {h.rise}, fall {h.fall};"
+        f" degraded ({q.action}) by {' or '.join(gray) or 'nothing'}, recovery {format_duration(q.recover_time)}"
     )
     lines.append(f"  backend: {config.backend}; metrics: {config.metrics.listen or 'off'};"
                  f" control socket: {safe_text(config.control.socket)}")

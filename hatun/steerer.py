@@ -22,7 +22,7 @@ from hatun.pinning import PinningError
 from hatun.plan import RenderTunnel, Wanted, render
 from hatun.router import Router
 from hatun.serving import RateLimitedLog
-from hatun.steering import Decision, Member, TunnelView, decide
+from hatun.steering import Decision, Member, TunnelView, decide, effective_weights
 from hatun.tunnel import TunnelRunner
 
 log = logging.getLogger("hatun")
@@ -63,7 +63,8 @@ class Steerer:
         """Decide and plan (pure but for reading the tunnels' state)."""
         r = self.config.routing
         keyed = self.tunnels()
-        views = [TunnelView(key, t.ifname, t.slot, t.cfg.weight, t.cfg.priority, t.health.health,
+        weights = effective_weights({key: (t.cfg.weight, t.detector.weight_share) for key, t in keyed})
+        views = [TunnelView(key, t.ifname, t.slot, weights[key], t.cfg.priority, t.health.health,
                             drained=t.drained or t.removing, present=t.present, presumed_up=t.presumed_up)
                  for key, t in keyed]
         decision = decide(views, r.when_all_down, self.previous_members)

@@ -28,6 +28,20 @@ class TunnelView:
     presumed_up: bool = False  # adopted as a group member and no verdict yet: keep it in place
 
 
+MAX_WEIGHT = 256  # a nexthop's weight in the kernel: 1..256
+
+
+def effective_weights(weights: dict[str, tuple[int, float]]) -> dict[str, int]:
+    """Each tunnel's weight in the route from its configured weight and the share of it that it keeps
+    (below 1.0 while degraded with on_degraded = "reduce"). With every share 1.0 the configured
+    weights as they are; else all are scaled up alike (the kernel's weights are integers up to 256),
+    so that a reduced share is visible even with weight 1, and the others keep their proportions."""
+    if all(share >= 1.0 for _, share in weights.values()):
+        return {name: w for name, (w, _) in weights.items()}
+    scale = MAX_WEIGHT // max((w for w, _ in weights.values()), default=1)
+    return {name: max(1, round(w * scale * min(share, 1.0))) for name, (w, share) in weights.items()}
+
+
 @dataclass(frozen=True)
 class Member:
     name: str

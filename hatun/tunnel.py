@@ -93,9 +93,10 @@ class TunnelRunner:
         self.slot = slot
         h = config.health_for(cfg)
         self.detector = FailureDetector(cfg.name, h.rise, h.fall, now, link_rx=self._link_rx, spawn=self._spawn,
-                                        on_transition=self._on_transition)
+                                        on_transition=self._on_transition, quality=h.quality(),
+                                        on_weight=self._on_weight)
         self.counters = DeviceCounters(env.backend, cfg.ifname, cfg.name)
-        self.interval, self.timeout, self.jitter = h.interval, h.timeout, h.jitter
+        self.interval, self.timeout, self.min_timeout, self.jitter = h.interval, h.timeout, h.min_timeout, h.jitter
         self.handshake_timeout = h.handshake_timeout
         self.started_at = now
         self.drained = False  # by the operator
@@ -211,10 +212,10 @@ class TunnelRunner:
         old = self.cfg
         h = config.health_for(cfg)
         probe_changed = (cfg.probe_target != old.probe_target or h.interval != self.interval
-                         or h.timeout != self.timeout or h.jitter != self.jitter)
+                         or h.timeout != self.timeout or h.jitter != self.jitter or h.fall != self.health.fall)
         self.config, self.cfg, self.key = config, cfg, key
-        self.health.configure(h.rise, h.fall)
-        self.interval, self.timeout, self.jitter = h.interval, h.timeout, h.jitter
+        self.health.configure(h.rise, h.fall, h.quality())
+        self.interval, self.timeout, self.min_timeout, self.jitter = h.interval, h.timeout, h.min_timeout, h.jitter
         self.handshake_timeout = h.handshake_timeout
         if cfg.endpoint != old.endpoint:
             await self.resolve()
@@ -364,7 +365,8 @@ class TunnelRunner:
             probe = self.cfg.probe_target
             stream = ProbeStream(self.name, interval=self.interval, timeout=self.timeout, jitter=self.jitter,
                                  on_result=self.detector.on_probe, on_late=self.detector.on_late_reply,
-                                 rtt_hint=lambda: self.health.rtt_avg)
+                                 on_lost=self.detector.on_lost, fall=self.health.fall,
+                                 rto=lambda: self.health.rto(self.min_timeout, self.timeout))
             with trio.CancelScope() as scope:
                 self._probe_scope = scope
                 try:
@@ -410,6 +412,15 @@ class TunnelRunner:
         self.transitions[str(state)] += 1
         level = logging.WARNING if tr.new is State.DOWN else logging.INFO
         log.log(level, "%s %s: %s", self.name, state, tr.reason, extra={"tunnel": self.name, "state": str(state)})
+        self.env.poke()
+
+    def _on_weight(self, share: float) -> None:
+        """Degraded with on_degraded = "reduce": its weight is SHARE of the configured one (1.0: whole again)."""
+        if share < 1.0:
+            log.warning("%s: weight reduced to %.0f%% (%s)", self.name, share * 100, self.health.degraded,
+                        extra={"tunnel": self.name})
+        else:
+            log.info("%s: full weight again", self.name, extra={"tunnel": self.name})
         self.env.poke()
 
     def set_drained(self, drained: bool) -> bool:

@@ -10,8 +10,11 @@ if [[ $(id -u) -ne 0 ]]; then
 fi
 
 # wireguard-go: user-space WireGuard for kernels without the module; wireguard-tools (wg) is only
-# used by tests to cross-check; prometheus brings promtool and the server the metrics tests use.
-PACKAGES=(iproute2 nftables iputils-ping wireguard-go wireguard-tools iperf3 prometheus procps ca-certificates)
+# used by tests to cross-check; prometheus brings promtool and the server the metrics tests use;
+# bird2 is the BFD baseline of the failover benchmark; iptables adds the NFQUEUE target that the lab's
+# delay fault uses (this kernel's nftables has no queue expression).
+PACKAGES=(iproute2 nftables iputils-ping wireguard-go wireguard-tools iperf3 prometheus procps ca-certificates
+  bird2 iptables)
 missing=()
 for p in "${PACKAGES[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "ok installed" || missing+=("$p")
@@ -37,7 +40,7 @@ if ((${#missing[@]})); then
   # --no-install-recommends: wireguard-tools would otherwise pull in systemd and a kernel image.
   apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
   # The prometheus package starts a server where systemd runs; the tests start their own.
-  systemctl disable --now prometheus prometheus-node-exporter >/dev/null 2>&1 || true
+  systemctl disable --now prometheus prometheus-node-exporter bird >/dev/null 2>&1 || true
 fi
 PY=$(pick_python)
 

@@ -143,7 +143,7 @@ fall = 7
 """
     c = parse_config(text)
     h = c.health_for(c.tunnels[0])
-    assert (h.interval, h.fall, h.rise) == (0.2, 7, 3)
+    assert (h.interval, h.fall, h.rise) == (0.2, 7, 10)
 
 
 def test_skip_secrets_validates_without_keys(keydir, tmp_path):

@@ -144,7 +144,10 @@ async def test_drain_keeps_existing_flows_and_takes_no_new_ones(lab_factory, hat
     gw1 = next(t for t in s["tunnels"] if t["name"] == "gw1")
     assert (gw1["state"], gw1["weight"], gw1["in_route"], gw1["pinned"]) == ("draining", 0, False, True)
     new = await traffic.udp_flows(lab.runner, topology.SERVICE, flows=30, rate=300, duration=1.0)
-    assert "gw1" not in new.share()
+    # A new flow that happens to reuse an old flow's source port is that old flow to conntrack (its
+    # entry lives on): it stays pinned where it was. Every other new flow avoids gw1.
+    reused = {f.port for f in old.flows}
+    assert not [f for f in new.flows if f.port not in reused and "gw1" in f.gateways()]
     await trio.to_thread.run_sync(hatun.control, {"command": "undrain", "tunnel": "gw1"})
     await wait_status(hatun, lambda s: "gw1" in members(s), 5, "gw1 back")
 

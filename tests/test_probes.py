@@ -13,7 +13,7 @@ import pytest
 import trio
 import trio.testing
 
-from hatun.probes import ProbeStream, Scheduler
+from hatun.probes import LATE_WINDOW, ProbeStream, Scheduler
 from tests.nsutil import ip, ns_exec
 
 
@@ -37,7 +37,7 @@ class FakePeer:
         self.scheduler.reply(self.stream, seq)
 
 
-async def probe_for(seconds, *, rtt=0.002, rtt_hint=None, chaos=None, alive=True, **kw):
+async def probe_for(seconds, *, rtt=0.002, chaos=None, alive=True, **kw):
     """Run one stream against a FakePeer for SECONDS; return (results, peer)."""
     results = []
     sched = Scheduler(random.Random(1))
@@ -46,7 +46,7 @@ async def probe_for(seconds, *, rtt=0.002, rtt_hint=None, chaos=None, alive=True
         peer = FakePeer(sched, n, rtt)
         peer.alive = alive
         stream = ProbeStream("t", on_result=lambda ok, r, reason: results.append(
-            (round(trio.current_time(), 4), ok, r, reason)), rtt_hint=rtt_hint or (lambda: None), **kw)
+            (round(trio.current_time(), 4), ok, r, reason)), **kw)
         peer.stream = stream
         stream.sender = peer.send
         sched.start(stream)
@@ -64,30 +64,45 @@ async def test_interval_and_successes(autojump_clock):
     assert all(rtt == pytest.approx(0.003) for _, _, rtt, _ in results)
 
 
-async def test_timeouts_fail_after_timeout(autojump_clock):
-    results, _ = await probe_for(1.0, alive=False, interval=0.1, timeout=0.25, jitter=0.0)
-    # Probes sent at 0.0, 0.1, ... fail 0.25 s later.
+async def test_unanswered_probes_are_missed_after_the_timeout_then_lost(autojump_clock):
+    lost = []
+    results, _ = await probe_for(2.6, alive=False, interval=0.1, timeout=0.25, jitter=0.0,
+                                 on_lost=lambda sent: lost.append(round(trio.current_time(), 4)))
+    # Probes sent at 0.0, 0.1, ... are missed 0.25 s later (fall 1: no re-probes) ...
     assert [r[0] for r in results][:3] == [0.25, 0.35, 0.45]
-    assert all(not ok and reason == "timeout" for _, ok, _, reason in results)
+    assert all(not ok and reason == "no reply within 250 ms" for _, ok, _, reason in results)
+    # ... and lost once no late reply came within LATE_WINDOW of their sending.
+    assert lost[:3] == [LATE_WINDOW, LATE_WINDOW + 0.1, LATE_WINDOW + 0.2]
 
 
-async def test_overdue_probe_triggers_one_extra_probe(autojump_clock):
-    """A dead path gets its second failure ~80 ms sooner than with regular probes alone."""
+async def test_a_missed_probe_is_followed_at_once_by_another_until_fall(autojump_clock):
+    """A dead path is judged within `fall` timeouts of its first missed probe, not `fall` intervals."""
     async def kill_later(peer):
         await trio.sleep(0.55)
         peer.alive = False
 
-    results, peer = await probe_for(1.2, chaos=kill_later, rtt_hint=lambda: 0.002,
+    results, peer = await probe_for(1.0, chaos=kill_later, rto=lambda: 0.01, fall=3,
                                     interval=0.1, timeout=0.25, jitter=0.0)
     failures = [r[0] for r in results if not r[1]]
-    # First probe after the failure: sent 0.6, overdue at 0.62 -> an extra probe at the next tick
-    # (a quarter of the interval here); both fail 0.25 s after they were sent.
     sends = [round(t, 3) for _, t in peer.sent]
-    extra = sends[sends.index(0.6) + 1]
-    assert 0.62 <= extra <= 0.625
-    assert failures[:2] == [0.85, round(extra + 0.25, 3)]
-    # Only one extra probe per episode: then regular probes every 100 ms.
-    assert sends[sends.index(extra) + 1] == 0.7
+    # Sent 0.6, missed 0.61: again at once, missed 0.62, again, missed 0.63 (the third: no more).
+    assert failures[:3] == [0.61, 0.62, 0.63]
+    assert sends[sends.index(0.6):sends.index(0.6) + 4] == [0.6, 0.61, 0.62, 0.7]
+    # Then regular probes only, while it stays dead.
+    assert failures[3:5] == [0.71, 0.81]
+    assert all(reason == "no reply within 10 ms" for _, ok, _, reason in results if not ok)
+
+
+async def test_a_reply_ends_a_run_of_misses(autojump_clock):
+    """Replies slower than the timeout: each is missed, then answered late; a late reply ends the run,
+    so re-probes go on (a slow path is not a dead one)."""
+    late = []
+    results, peer = await probe_for(0.5, rtt=0.015, rto=lambda: 0.01, fall=2, interval=0.1, timeout=0.25,
+                                    jitter=0.0, on_late=late.append)
+    assert results and all(not ok for _, ok, _, _ in results)
+    assert late and all(r == pytest.approx(0.015) for r in late)
+    # Every regular probe is missed and followed by one re-probe, missed too; its late reply resets.
+    assert len(peer.sent) >= 2 * 4
 
 
 async def test_jitter_spreads_sends(autojump_clock):
@@ -218,17 +233,17 @@ def test_tcp_probe(two_paths):
         server.wait(timeout=5)
 
 
-async def test_rechecks_keep_working_across_the_sequence_wrap(autojump_clock):
-    """Sequence numbers wrap at 16 bits; the overdue check orders probes by a counter that never does."""
+async def test_misses_and_replies_keep_working_across_the_sequence_wrap(autojump_clock):
+    """Sequence numbers wrap at 16 bits; outstanding probes are judged in the order they were sent."""
     async def kill_later(peer):
         peer.stream.seq, peer.stream.sent = 0xFFF0, 40000  # far past half the sequence space
         await trio.sleep(0.55)
         peer.alive = False
 
-    results, peer = await probe_for(1.2, chaos=kill_later, rtt_hint=lambda: 0.002,
+    results, peer = await probe_for(1.0, chaos=kill_later, rto=lambda: 0.01, fall=3,
                                     interval=0.1, timeout=0.25, jitter=0.0)
-    sends = [round(t, 3) for _, t in peer.sent]
-    assert 0.62 <= sends[sends.index(0.6) + 1] <= 0.625  # the extra probe still goes out
+    assert [r[1] for r in results][:6] == [True] * 6
+    assert [r[0] for r in results if not r[1]][:3] == [0.61, 0.62, 0.63]
 
 
 async def test_rtt_is_immune_to_wall_clock_steps(autojump_clock):
@@ -257,10 +272,11 @@ async def test_rtt_is_immune_to_wall_clock_steps(autojump_clock):
 
 
 async def test_late_replies_are_reported_but_do_not_count_as_success(autojump_clock):
-    """A reply after the timeout is a failure for the hysteresis and a late reply for the
-    congestion guard (the path works both ways, slowly)."""
-    late = []
+    """A reply after the timeout is a miss for the liveness and a late reply (an answer, not a loss)
+    for the RTT estimate, the loss ratio and the congestion guard."""
+    late, lost = [], []
     results, peer = await probe_for(1.0, rtt=0.4, interval=0.1, timeout=0.25, jitter=0.0,
-                                    on_late=late.append)
-    assert results and all(not ok and reason == "timeout" for _, ok, _, reason in results)
+                                    on_late=late.append, on_lost=lambda sent: lost.append(1))
+    assert results and all(not ok and reason == "no reply within 250 ms" for _, ok, _, reason in results)
     assert len(late) >= 5 and all(r == pytest.approx(0.4) for r in late)
+    assert not lost

@@ -44,11 +44,13 @@ def test_transition_reasons_and_stats():
         assert h.record(True, t, rtt=0.031) is None
     tr = h.record(True, 0.3, rtt=0.031)
     assert (tr.old, tr.new, tr.reason) == (I, U, "3 probes answered, rtt 31 ms")
+    h.record(True, 0.35, rtt=0.031)
     h.record(False, 0.4, reason="timeout")
+    h.record_lost(0.41, 0.4)  # the loss ratio counts fates of probes sent while alive
     tr = h.record(False, 0.5, reason="timeout")
     assert (tr.old, tr.new) == (U, D)
     assert tr.reason == "2 probes failed (timeout), last rtt 31 ms"
-    assert h.loss == pytest.approx(2 / 5)
+    assert h.loss == pytest.approx(1 / 2)
     assert h.rtt_avg == pytest.approx(0.031)
     assert h.since == 0.5
 
@@ -239,3 +241,12 @@ def test_fail_closed_gate_is_what_render_keeps():
     gate = fail_closed_gate([ipaddress.ip_network("0.0.0.0/0")], lay)
     assert sorted(r.priority for r in gate.rules) == [5201, 5202]
     assert [str(r.dst) for r in gate.routes] == ["0.0.0.0/0"]
+
+
+def test_effective_weights_scale_only_when_a_tunnel_is_reduced():
+    from hatun.steering import effective_weights
+
+    assert effective_weights({"a": (1, 1.0), "b": (3, 1.0)}) == {"a": 1, "b": 3}
+    assert effective_weights({"a": (1, 1.0), "b": (1, 0.5)}) == {"a": 256, "b": 128}
+    assert effective_weights({"a": (2, 1.0), "b": (4, 0.1)}) == {"a": 128, "b": 26}
+    assert effective_weights({"a": (256, 1.0), "b": (1, 0.05)}) == {"a": 256, "b": 1}

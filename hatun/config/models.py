@@ -8,9 +8,9 @@ Validation is strict: TOML has real types, and `weight = true` or `rise = "3"` i
 from __future__ import annotations
 
 import ipaddress
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, model_validator
 
 from hatun.config.values import (
     DEFAULT_INTERFACE_PREFIX,
@@ -30,6 +30,7 @@ from hatun.config.values import (
     Probe,
     ProbeField,
     RouteProtocol,
+    RttLimitField,
     RulePriority,
     SocketPath,
     SourceAddress,
@@ -37,6 +38,7 @@ from hatun.config.values import (
     _one_or_many,
     parse_endpoint,
 )
+from hatun.health import Quality
 from hatun.keys import PublicKey
 
 
@@ -44,37 +46,94 @@ class _Model(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
 
 
-class HealthOverrides(_Model):
-    """Health settings a tunnel may override (unset: the [health] value)."""
+# What each profile sets; a key given in the config overrides it. See docs/design.md "Failure
+# detection" for how these numbers come out as detection times and probe costs.
+HEALTH_PROFILES: dict[str, dict[str, Any]] = {
+    # Loss window about 50 ms on a LAN-like path; 33 probes/s per tunnel.
+    "fast": {"interval": 0.03, "timeout": 0.2, "min_timeout": 0.01, "rise": 10, "fall": 3, "recover_time": 5.0},
+    # About 150 ms; 10 probes/s per tunnel.
+    "default": {"interval": 0.1, "timeout": 0.5, "min_timeout": 0.025, "rise": 10, "fall": 3, "recover_time": 10.0},
+    # Paths across the internet: slower, jittery, sometimes lossy. About 1.5 s; 2 probes/s.
+    "wan": {"interval": 0.5, "timeout": 2.0, "min_timeout": 0.15, "rise": 5, "fall": 4, "recover_time": 60.0},
+}
+_HEALTH_COMMON: dict[str, Any] = {"handshake_timeout": 180.0, "jitter": 0.1, "max_loss": 0.2, "recover_loss": 0.05,
+                                  "on_degraded": "leave"}
+Profile = Literal["fast", "default", "wan"]
+Share = Annotated[float, Field(ge=0, le=1)]
 
+
+class HealthOverrides(_Model):
+    """Health settings a tunnel may override (unset: the [health] value). A tunnel's own `profile`
+    replaces the [health] settings; its other keys override that profile."""
+
+    profile: Profile | None = Field(None, description="named settings: fast, default or wan")
     interval: Duration | None = Field(None, description="time between probes")
-    timeout: Duration | None = Field(None, description="a probe without reply by then has failed")
-    rise: int | None = Field(None, ge=1, le=1000, description="consecutive successes to (re)enter service")
-    fall: int | None = Field(None, ge=1, le=1000, description="consecutive failures to leave service")
+    timeout: Duration | None = Field(
+        None, description="the longest a probe waits for its reply (the adaptive timeout's ceiling)")
+    min_timeout: Duration | None = Field(None, description="the shortest a probe waits (the adaptive timeout's floor)")
+    rise: int | None = Field(None, ge=1, le=1000, description="consecutive answered probes to (re)enter service")
+    fall: int | None = Field(None, ge=1, le=1000, description="consecutive unanswered probes to leave service")
     handshake_timeout: Duration | None = Field(
         None, description="a tunnel whose last WireGuard handshake is older than this counts as failing"
     )
     jitter: float | None = Field(None, ge=0, le=0.5, description="random spread of probe times, as a share of the interval")
+    max_loss: Share | None = Field(None, description="a tunnel losing more than this share of its probes is degraded")
+    recover_loss: Share | None = Field(None, description="... and recovers at this share or less")
+    max_rtt: RttLimitField | None = Field(None, description="a tunnel whose smoothed RTT exceeds this is degraded")
+    recover_rtt: RttLimitField | None = Field(None, description="... and recovers at or below this (default: max_rtt)")
+    recover_time: Duration | None = Field(None, description="how long a degraded tunnel must stay good to recover")
+    on_degraded: Literal["leave", "reduce"] | None = Field(
+        None, description="a degraded tunnel leaves service, or keeps it with its weight reduced in proportion")
 
 
 class Health(_Model):
-    """Defaults for every tunnel's health checks."""
+    """Defaults for every tunnel's health checks: a profile, and any of its keys overridden."""
 
+    profile: Profile = Field("default", description="named settings: fast, default or wan")
     interval: Duration = Field(0.1, description="time between probes")
-    timeout: Duration = Field(0.25, description="a probe without reply by then has failed")
-    rise: int = Field(3, ge=1, le=1000, description="consecutive successes to (re)enter service")
-    fall: int = Field(2, ge=1, le=1000, description="consecutive failures to leave service")
+    timeout: Duration = Field(
+        0.5, description="the longest a probe waits for its reply (the adaptive timeout's ceiling)")
+    min_timeout: Duration = Field(0.025, description="the shortest a probe waits (the adaptive timeout's floor)")
+    rise: int = Field(10, ge=1, le=1000, description="consecutive answered probes to (re)enter service")
+    fall: int = Field(3, ge=1, le=1000, description="consecutive unanswered probes to leave service")
     handshake_timeout: Duration = Field(
         180.0,
         description="a tunnel whose last WireGuard handshake is older than this counts as failing"
         " (WireGuard drops session keys after 180 s without a new handshake)",
     )
     jitter: float = Field(0.1, ge=0, le=0.5, description="random spread of probe times, as a fraction of the interval")
+    max_loss: Share | None = Field(
+        0.2, description="a tunnel losing more than this share of its probes is degraded (1: never)")
+    recover_loss: Share = Field(0.05, description="... and recovers at this share or less")
+    max_rtt: RttLimitField | None = Field(None, description="a tunnel whose smoothed RTT exceeds this is degraded")
+    recover_rtt: RttLimitField | None = Field(None, description="... and recovers at or below this (default: max_rtt)")
+    recover_time: Duration = Field(10.0, description="how long a degraded tunnel must stay good to recover")
+    on_degraded: Literal["leave", "reduce"] = Field(
+        "leave", description="a degraded tunnel leaves service, or keeps it with its weight reduced in proportion")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _from_profile(cls, data: Any) -> Any:
+        """Keys not given come from the profile."""
+        if isinstance(data, dict):
+            profile = data.get("profile", "default")
+            if isinstance(profile, str) and profile in HEALTH_PROFILES:
+                return {**_HEALTH_COMMON, **HEALTH_PROFILES[profile], **data}
+        return data
 
     def merged(self, override: HealthOverrides | None) -> Health:
         if override is None:
             return self
-        return self.model_copy(update={k: v for k, v in override.model_dump(exclude_none=True, mode="python").items()})
+        keys = override.model_dump(exclude_none=True, mode="python")
+        if "profile" in keys:
+            return Health.model_validate(keys)
+        return self.model_copy(update=keys)
+
+    def quality(self) -> Quality:
+        """The gray-failure limits, as `health.TunnelHealth` takes them."""
+        max_loss = self.max_loss if self.max_loss is not None and self.max_loss < 1 else None  # 1: off
+        return Quality(max_loss=max_loss, recover_loss=self.recover_loss, max_rtt=self.max_rtt,
+                       recover_rtt=self.recover_rtt, recover_time=self.recover_time, action=self.on_degraded)
 
 
 class Routing(_Model):

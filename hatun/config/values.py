@@ -10,6 +10,7 @@ refused before hatun touches the host.
 from __future__ import annotations
 
 import ipaddress
+import math
 import re
 from dataclasses import dataclass
 from typing import Annotated, Any, Literal
@@ -17,6 +18,7 @@ from typing import Annotated, Any, Literal
 from pydantic import AfterValidator, BeforeValidator, PlainSerializer, WithJsonSchema
 
 from hatun.durations import format_duration, parse_duration
+from hatun.health import RttLimit
 from hatun.keys import decode_key, redact
 
 IFNAMSIZ = 15  # bytes in a Linux interface name, without the terminating NUL
@@ -79,6 +81,30 @@ NonNegativeDuration = Annotated[
     PlainSerializer(format_duration, return_type=str),
     WithJsonSchema({**_DURATION_SCHEMA, "anyOf": [_DURATION_SCHEMA["anyOf"][0],
                                                   {"type": "number", "minimum": 0, "maximum": MAX_DURATION}]}),
+]
+
+
+def _rtt_limit(value: Any) -> RttLimit:
+    if isinstance(value, RttLimit):
+        return value
+    if isinstance(value, str) and value.strip().lower().endswith("x"):
+        try:
+            factor = float(value.strip()[:-1])
+        except ValueError:
+            factor = math.nan
+        if not math.isfinite(factor) or not 1.0 < factor <= 1000.0:
+            raise ValueError("a relative limit is a factor of the tunnel's baseline RTT above 1, e.g. \"5x\"")
+        return RttLimit(factor, relative=True)
+    return RttLimit(_duration(value))
+
+
+RttLimitField = Annotated[
+    RttLimit,
+    BeforeValidator(_rtt_limit),
+    PlainSerializer(lambda v: f"{v.value:g}x" if v.relative else format_duration(v.value), return_type=str),
+    WithJsonSchema({"anyOf": [{"type": "string", "pattern": r"^\s*[0-9]+(\.[0-9]+)?\s*(ms|s|m|h|x)\s*$"},
+                              {"type": "number", "minimum": MIN_DURATION, "maximum": MAX_DURATION}],
+                    "description": 'an RTT: "150ms" (absolute), or "5x" (5 times the tunnel\'s baseline RTT)'}),
 ]
 
 

@@ -30,13 +30,19 @@ from hatun.lab import topology, traffic
 from hatun.lab.process import HatunProcess
 from hatun.lab.topology import Lab
 
-SCENARIOS = ("failover", "drain", "restart", "weights", "throughput", "scale")
+SCENARIOS = ("failover", "gray", "saturation", "drain", "restart", "weights", "throughput", "scale")
 SLOW = 1.0  # set by run_bench: health timings x SLOW, packet rates / SLOW (emulated CPUs)
 
 
-def _health(name: str) -> dict:
-    base = {"default": (0.1, 0.25), "fast": (0.05, 0.1)}[name]
-    return {"interval": f'"{base[0] * SLOW:g}s"', "timeout": f'"{base[1] * SLOW:g}s"', "rise": "3", "fall": "2"}
+def _health(profile: str) -> dict:
+    """The [health] section for PROFILE, its timings stretched by SLOW."""
+    from hatun.config.models import HEALTH_PROFILES
+
+    keys = {"profile": f'"{profile}"'}
+    if SLOW != 1.0:
+        p = HEALTH_PROFILES[profile]
+        keys.update({k: f'"{p[k] * SLOW:g}s"' for k in ("interval", "timeout", "min_timeout")})
+    return keys
 
 
 @dataclass
@@ -178,11 +184,58 @@ async def _wait_status(hatun: HatunProcess, predicate, timeout: float, what: str
 # ---------------------------------------------------------------- scenarios
 
 
-async def bench_failover(report: Report, backend: str, runs: int, quick: bool) -> None:
-    sets = ["default"] if quick else ["default", "fast"]
-    for hs in sets:
-        sc = f"failover/{hs}"
-        window = report.figure(sc, "loss window of the failed tunnel's flows", "ms", "< 400" if hs == "default" else "< 200")
+FAILOVER_TARGETS = {"default": "<= 200", "fast": "<= 60"}  # loss window, ms (issue 14)
+
+
+async def _failover_window(lab: Lab, fail: Callable, out: Callable, t: float) -> tuple[float, float, list]:
+    """UDP flows through the lab; 2 s in, FAIL() breaks gw2 and OUT() waits until it is out of the
+    route; healed 1 s later. Returns the loss window of gw2's flows taken together (seconds), its
+    resolution, and the run's flows."""
+    marks: dict[str, float] = {}
+
+    async def chaos():
+        await trio.sleep(2.0 * t)
+        marks["fail"] = trio.current_time()
+        await fail()
+        await out()
+        await trio.sleep(1.0 * t)
+        await topology.lab_heal(lab.name, "gw2")
+
+    run = await traffic.udp_flows(lab.runner, topology.SERVICE, flows=64, rate=1000 / t, duration=4.0 * t,
+                                  on_start=chaos, linger=t)
+    failed = [f for f in run.flows if f.gateways()[:1] == ["gw2"]]
+    if "fail" not in marks or not failed:
+        raise topology.LabError("no flow went through gw2, or gw2 was never failed")
+    window, resolution = traffic.longest_gap(failed, marks["fail"] - 0.5 * t, marks["fail"] + 1.5 * t)
+    return window, resolution, run.flows
+
+
+async def _bfd_window(lab: Lab, t: float) -> tuple[float, float]:
+    """The same measure with BIRD2 + BFD (50 ms x 3) routing over the same tunnels (hatun stopped
+    with keep_on_exit: its tunnels stay, its steering goes)."""
+    from hatun.lab import bfd
+
+    await bfd.clear_hatun_steering(lab)
+    async with bfd.bfd_routing(lab, range(1, lab.gateways + 1), interval_ms=round(50 * t)) as routing:
+        await routing.wait_up(timeout=30 * t)
+
+        async def out():
+            await routing.wait_for(lambda st: 2 not in st.next_hops, "gw2's next hop withdrawn", 10 * t)
+
+        window, resolution, _ = await _failover_window(
+            lab, lambda: topology.lab_fail(lab.name, "gw2", "blackhole"), out, t)
+    return window, resolution
+
+
+async def bench_failover(report: Report, backend: str, runs: int, quick: bool, baseline: str | None = None) -> None:
+    for profile in ["default"] if quick else ["default", "fast"]:
+        sc = f"failover/{profile}"
+        window = report.figure(sc, "loss window of the failed tunnel's flows, taken together", "ms",
+                               FAILOVER_TARGETS[profile])
+        resolution = report.figure(sc, "resolution of that window (median spacing of their packets)", "ms")
+        if baseline == "bfd":
+            bfd_window = report.figure(sc, "BIRD2 + BFD 50 ms x 3, same lab and flows: loss window", "ms")
+            ratio = report.figure(sc, "hatun / BIRD2 + BFD", "ratio", "<= 0.5" if profile == "fast" else "")
         lost_other = report.figure(sc, "packets lost on the other tunnels", "packets", "= 0")
         moved = report.figure(sc, "share of flows that changed tunnel", "%")
         failback = report.figure(sc, "failback: heal -> back in the route", "ms")
@@ -191,37 +244,35 @@ async def bench_failover(report: Report, backend: str, runs: int, quick: bool) -
         false_down = report.figure(sc, "healthy tunnels taken out of service (false failovers)", "transitions", "= 0")
         t = SLOW  # the whole timeline stretches on a slow (emulated) CPU
         for _ in range(runs):
-            async with _Scene(3, backend, health=_health(hs)) as s:
+            async with _Scene(3, backend, health=_health(profile), top={"keep_on_exit": "true"}) as s:
                 lab, hatun = s.lab, s.hatun
-                marks: dict[str, float] = {}
-                conns: list = []
 
-                async def chaos():
-                    await trio.sleep(2.0 * t)
-                    marks["fail"] = trio.current_time()
-                    await topology.lab_fail(lab.name, "gw2", "blackhole")
+                async def out():
                     await _wait_status(hatun, lambda st: "gw2" not in st["route"]["members"], 10 * t, "gw2 out")
+
+                w, res, flows = await _failover_window(lab, lambda: topology.lab_fail(lab.name, "gw2", "blackhole"),
+                                                       out, t)
+                window.values.append(1000 * w)
+                resolution.values.append(1000 * res)
+                others = [f for f in flows if f.gateways()[:1] not in (["gw2"], [])]
+                lost_other.values.append(sum(len(f.lost(end=max(f.sent.values()) - t)) for f in others))
+                moved.values.append(100 * sum(len(f.gateways()) > 1 for f in flows) / len(flows))
+                # Failback: TCP connections opened while gw2 is out must survive its return.
+                await topology.lab_fail(lab.name, "gw2", "blackhole")
+                await _wait_status(hatun, lambda st: "gw2" not in st["route"]["members"], 10 * t, "gw2 out")
+                marks: dict[str, float] = {}
+
+                async def heal():
                     await trio.sleep(1.0 * t)
                     marks["heal"] = trio.current_time()
                     await topology.lab_heal(lab.name, "gw2")
-                    await _wait_status(hatun, lambda st: "gw2" in st["route"]["members"], 20 * t, "gw2 back")
+                    await _wait_status(hatun, lambda st: "gw2" in st["route"]["members"], 30 * t, "gw2 back")
                     marks["back"] = trio.current_time()
 
-                async def tcp():
-                    await trio.sleep(3.0 * t)  # opened while gw2 is down: they must survive its failback
-                    conns.extend(await traffic.tcp_connections(lab.runner, topology.SERVICE, count=8,
-                                                               duration=(5.0 if not quick else 3.0) * t))
-
                 async with trio.open_nursery() as n:
-                    n.start_soon(tcp)
-                    run = await traffic.udp_flows(lab.runner, topology.SERVICE, flows=64, rate=1000 / t,
-                                                  duration=(7.0 if not quick else 5.0) * t, on_start=chaos, linger=t)
-                failed = [f for f in run.flows if f.gateways()[:1] == ["gw2"]]
-                others = [f for f in run.flows if f.gateways()[:1] not in (["gw2"], [])]
-                if failed:
-                    window.values.append(1000 * statistics.median(f.loss_window() for f in failed))
-                lost_other.values.append(sum(len(f.lost(end=run.ended - t)) for f in others))
-                moved.values.append(100 * sum(len(f.gateways()) > 1 for f in run.flows) / len(run.flows))
+                    n.start_soon(heal)
+                    conns = await traffic.tcp_connections(lab.runner, topology.SERVICE, count=8,
+                                                          duration=(5.0 if not quick else 3.0) * t)
                 if "back" in marks:
                     failback.values.append(1000 * (marks["back"] - marks["heal"]))
                 broken.values.append(sum(1 for c in conns if c.broken))
@@ -231,6 +282,103 @@ async def bench_failover(report: Report, backend: str, runs: int, quick: bool) -
                     await trio.sleep(max(0.0, marks["back"] + 5.0 * t - trio.current_time()))
                 new = await traffic.udp_flows(lab.runner, topology.SERVICE, flows=60, rate=600 / t, duration=t, linger=t)
                 share.values.append(100 * new.share().get("gw2", 0.0))
+                if baseline == "bfd":
+                    await _thread(lambda: hatun.stop(timeout=30))  # its tunnels stay (keep_on_exit)
+                    b, _ = await _bfd_window(lab, t)
+                    bfd_window.values.append(1000 * b)
+                    ratio.values.append(w / b if b else 0.0)
+        if baseline == "bfd":
+            report.notes.append("failover: BIRD2 + BFD runs after hatun in each run's lab, over the same tunnels"
+                                " (hatun stopped with keep_on_exit), same flows and the same blackhole of gw2")
+
+
+GRAY_MODES = ("loss:10", "loss:30", "loss:60", "delay:80ms")
+
+
+async def bench_gray(report: Report, backend: str, runs: int, quick: bool) -> None:
+    """Gray failures: gw2 lossy or slow for a while (60 s; quick: 5 s), with flows on every tunnel.
+    Counts gw2's transitions (out and back) and everything the other tunnels did."""
+    seconds = (5.0 if quick else 60.0) * SLOW
+    modes = GRAY_MODES[1:2] if quick else GRAY_MODES
+    for _ in range(runs):
+        async with _Scene(3, backend, health=_health("default")) as s:
+            lab, hatun = s.lab, s.hatun
+            for mode in modes:
+                sc = f"gray/{mode}"
+                outs = report.figure(sc, f"gw2 left service (during {seconds:g} s of {mode} and its recovery)",
+                                     "transitions", "<= 1" if mode == "loss:30" else "")
+                backs = report.figure(sc, "gw2 came back", "transitions", "<= 1" if mode == "loss:30" else "")
+                others = report.figure(sc, "transitions of the other tunnels", "transitions", "= 0")
+                moved = report.figure(sc, "flows of the other tunnels that moved", "flows", "= 0")
+                back_after = report.figure(sc, "heal -> gw2 back in service", "s")
+                before = {t["name"]: dict(t["transitions"]) for t in (await _thread(hatun.status))["tunnels"]}
+                marks: dict[str, float] = {}
+
+                async def fault():
+                    await trio.sleep(1.0 * SLOW)
+                    await topology.lab_fail(lab.name, "gw2", mode)
+                    await trio.sleep(seconds)
+                    await topology.lab_heal(lab.name, "gw2")
+                    marks["heal"] = time.monotonic()
+
+                run = await traffic.udp_flows(lab.runner, topology.SERVICE, flows=48, rate=200 / SLOW,
+                                              duration=seconds + 3 * SLOW, on_start=fault, linger=SLOW)
+                st = await _wait_status(hatun, lambda st: "gw2" in st["route"]["members"], 120 * SLOW, "gw2 back")
+                back_after.values.append(time.monotonic() - marks["heal"])
+                delta = {t["name"]: {k: v - before[t["name"]].get(k, 0) for k, v in t["transitions"].items()}
+                         for t in st["tunnels"]}
+                outs.values.append(delta["gw2"].get("down", 0))
+                backs.values.append(delta["gw2"].get("up", 0))
+                others.values.append(sum(sum(d.values()) for name, d in delta.items() if name != "gw2"))
+                healthy = [f for f in run.flows if f.gateways()[:1] in (["gw1"], ["gw3"])]
+                moved.values.append(sum(len(f.gateways()) > 1 for f in healthy))
+    report.notes.append("gray: loss:N drops N % on each direction of gw2's link (a probe's round trip is lost"
+                        " with probability 1-(1-N/100)^2); default profile; 48 flows at 200 packets/s meanwhile")
+
+
+async def bench_saturation(report: Report, backend: str, runs: int, quick: bool) -> None:
+    """False failovers while iperf3 saturates every tunnel, then while busy loops saturate every CPU
+    (60 s each; quick: 5 s), per profile."""
+    if not shutil.which("iperf3"):
+        report.notes.append("saturation: iperf3 not installed (apt-get install iperf3); skipped")
+        return
+    seconds = 5 if quick else 60
+    for profile in ["default"] if quick else ["default", "fast"]:
+        sc = f"saturation/{profile}"
+        by_iperf = report.figure(sc, f"tunnels taken out during {seconds} s of iperf3 through every tunnel",
+                                 "transitions", "= 0")
+        by_cpu = report.figure(sc, f"tunnels taken out during {seconds} s of busy loops on every CPU",
+                               "transitions", "= 0")
+        for _ in range(runs):
+            async with _Scene(3, backend, health=_health(profile)) as s:
+                lab, hatun = s.lab, s.hatun
+
+                def downs() -> int:
+                    return sum(t["transitions"].get("down", 0) for t in hatun.status()["tunnels"])
+
+                server = subprocess.Popen(["ip", "netns", "exec", lab.lan, "iperf3", "-s", "-B", topology.SERVICE],
+                                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                try:
+                    await trio.sleep(0.5)
+                    d0 = await _thread(downs)
+                    try:
+                        await _thread(_iperf, lab, seconds, 16)
+                    except topology.LabError as e:
+                        report.notes.append(f"saturation: {e}")
+                    by_iperf.values.append(await _thread(downs) - d0)
+                finally:
+                    server.send_signal(signal.SIGTERM)
+                    server.wait(timeout=10)
+                d0 = await _thread(downs)
+                burners = [subprocess.Popen(["timeout", str(seconds), "sh", "-c", "while :; do :; done"])
+                           for _ in range(2 * (os.cpu_count() or 1))]
+                try:
+                    await traffic.udp_flows(lab.runner, topology.SERVICE, flows=16, rate=100, duration=seconds)
+                finally:
+                    for b in burners:
+                        b.kill()
+                        b.wait(timeout=10)
+                by_cpu.values.append(await _thread(downs) - d0)
 
 
 async def bench_drain(report: Report, backend: str, runs: int, quick: bool) -> None:
@@ -371,35 +519,50 @@ def _peak_rss_mib(pid: int) -> float:
     return 0.0
 
 
+SCALE_CPU_TARGETS = {("fast", 32): "< 5", ("fast", 128): "< 15", ("default", 32): "< 3"}
+
+
 async def bench_scale(report: Report, backend: str, runs: int, quick: bool) -> None:
+    """hatun's own CPU and memory with many tunnels, per profile (the same lab, hatun restarted)."""
+    from hatun.config.models import HEALTH_PROFILES
+
     sizes = [4] if quick else [4, 32, 128]
+    profiles = ["fast"] if quick else ["default", "fast"]
     measure = 3.0 if quick else 10.0
     for n in sizes:
-        cpu = report.figure(f"scale/{n}", "hatun CPU, probes every 100 ms", "% of a core", "< 3" if n == 32 else "")
+        cpu = {p: report.figure(f"scale/{n}", f"hatun CPU, {p} profile (probes every"
+                                f" {HEALTH_PROFILES[p]['interval'] * 1000:g} ms)", "% of a core",
+                                SCALE_CPU_TARGETS.get((p, n), "")) for p in profiles}
         rss = report.figure(f"scale/{n}", "hatun peak RSS", "MiB", "< 100" if n == 32 else "")
         ready = report.figure(f"scale/{n}", "start -> all tunnels in service", "s", "< 3" if n == 32 else "")
         for _ in range(runs):
             if backend == "userspace":
                 _ensure_inotify(2 * n)
             lab = await topology.lab_up(_lab_name(), n, backend, False)
-            hatun = HatunProcess(lab, args=("--log-level", "warning"))
             try:
-                t0 = time.monotonic()
-                await _thread(lambda: hatun.start(wait_ready=False))
-                await _thread(lambda: hatun.wait(lambda s: len(s["route"]["members"]) == n, 120, "all in service", 0.02))
-                ready.values.append(time.monotonic() - t0)
-                await trio.sleep(2.0)  # settle
-                pid = hatun.pid
-                c0, w0 = _proc_cpu_seconds(pid), time.monotonic()
-                await trio.sleep(measure)
-                cpu.values.append(100 * (_proc_cpu_seconds(pid) - c0) / (time.monotonic() - w0))
-                rss.values.append(_peak_rss_mib(pid))
+                for profile in profiles:
+                    write_config(lab, _health(profile), top={"keep_on_exit": "true"})
+                    hatun = HatunProcess(lab, args=("--log-level", "warning"))
+                    try:
+                        t0 = time.monotonic()
+                        await _thread(lambda: hatun.start(wait_ready=False))
+                        await _thread(lambda: hatun.wait(lambda s: len(s["route"]["members"]) == n, 120,
+                                                         "all in service", 0.02))
+                        ready.values.append(time.monotonic() - t0)
+                        await trio.sleep(2.0)  # settle
+                        pid = hatun.pid
+                        c0, w0 = _proc_cpu_seconds(pid), time.monotonic()
+                        await trio.sleep(measure)
+                        cpu[profile].values.append(100 * (_proc_cpu_seconds(pid) - c0) / (time.monotonic() - w0))
+                        rss.values.append(_peak_rss_mib(pid))
+                    finally:
+                        with trio.CancelScope(shield=True):
+                            try:
+                                await _thread(lambda: hatun.stop(timeout=60))
+                            except AssertionError:
+                                pass
             finally:
                 with trio.CancelScope(shield=True):
-                    try:
-                        await _thread(lambda: hatun.stop(timeout=60))
-                    except AssertionError:
-                        pass
                     await topology.lab_down(lab.name)
 
 
@@ -426,15 +589,16 @@ def _restore_inotify() -> None:
 
 
 RUNNERS: dict[str, Callable] = {
-    "failover": bench_failover, "drain": bench_drain, "restart": bench_restart, "weights": bench_weights,
-    "throughput": bench_throughput, "scale": bench_scale,
+    "failover": bench_failover, "gray": bench_gray, "saturation": bench_saturation, "drain": bench_drain,
+    "restart": bench_restart, "weights": bench_weights, "throughput": bench_throughput, "scale": bench_scale,
 }
 
 
 async def run_bench(scenarios: list[str], *, runs: int, quick: bool, backend: str = "auto", slow: float = 1.0,
-                    progress: Callable[[str], None] = lambda s: None) -> Report:
+                    baseline: str | None = None, progress: Callable[[str], None] = lambda s: None) -> Report:
     """Run SCENARIOS (all when empty) RUNS times each; QUICK: small sizes (a smoke run for CI).
-    SLOW > 1 stretches health timings and lowers packet rates, for emulated (slow) CPUs."""
+    SLOW > 1 stretches health timings and lowers packet rates, for emulated (slow) CPUs. BASELINE
+    "bfd": the failover scenario also measures BIRD2 + BFD in the same labs."""
     global SLOW
     SLOW = slow
     from hatun.wireguard import select_backend
@@ -450,7 +614,10 @@ async def run_bench(scenarios: list[str], *, runs: int, quick: bool, backend: st
         progress(f"bench: {name} ({runs} run{'s' if runs != 1 else ''})")
         t0 = time.monotonic()
         try:
-            await RUNNERS[name](report, kind, runs, quick)
+            if name == "failover":
+                await bench_failover(report, kind, runs, quick, baseline)
+            else:
+                await RUNNERS[name](report, kind, runs, quick)
         except Exception as e:  # noqa: BLE001 - one scenario failing must not lose the others' figures
             leaf = e
             while isinstance(leaf, BaseExceptionGroup) and leaf.exceptions:

@@ -31,6 +31,7 @@ from dataclasses import asdict, dataclass, field
 import trio
 
 from hatun.keys import PrivateKey, load_private_key_file, write_private_key_file
+from hatun.lab import faults
 from hatun.wireguard.model import BackendUnavailable, DeviceSettings, PeerSettings, WireGuardError
 
 log = logging.getLogger("hatun.lab")
@@ -258,7 +259,7 @@ def config_text(lab: Lab, health: dict[str, str] | None = None, extra_routing: d
     prefixes = [str(LAN)] + ([str(LAN6)] if lab.ipv6 else [])
     sources = [SOURCE] + ([SOURCE6] if lab.ipv6 else [])
     routing = {"prefixes": json.dumps(prefixes), "source": json.dumps(sources), **(extra_routing or {})}
-    health = {"interval": '"100ms"', "timeout": '"250ms"', "rise": "3", "fall": "2", **(health or {})}
+    health = {"profile": '"default"', **(health or {})}
     lines = [
         f"# hatun config for lab {lab.name!r}, written by `hatun lab up`.",
         f"# Run it in the runner namespace:  ip netns exec {lab.runner} hatun run {lab.config_path}",
@@ -525,42 +526,139 @@ def gateway_wireguard_pid(lab: Lab, i: int) -> int | None:
 
 
 async def lab_fail(name: str, gw: str, mode: str = "blackhole") -> str:
-    """Break gateway GW's path: "blackhole" drops everything on its underlay link (a silent failure,
-    as a dead path looks from afar); "kill" kills its WireGuard peer (wireguard-go, or deletes the
-    kernel device). Returns a description."""
+    """Break gateway GW's path in MODE (hatun.lab.faults has the details):
+
+    - "blackhole": drop everything on its underlay link (a silent failure, as a dead path looks from afar)
+    - "kill": kill its WireGuard peer (wireguard-go, or delete the kernel device)
+    - "oneway": drop what the runner sends it; its own packets still reach the runner
+    - "loss:N": drop N % at random on each direction of the link: a probe's round trip is lost with
+      probability 1-(1-N/100)^2 (loss:30 loses 51 % of the round trips)
+    - "delay:D" (delay:80ms, delay:0.08s): the round trip through the link grows by D, half each way
+
+    A gateway that already has a fault is healed first. Returns a description. Raises LabError for
+    an unknown mode or gateway, or when the fault cannot be installed.
+    """
+    try:
+        fault = faults.parse_fault(mode)
+    except ValueError as e:
+        raise LabError(str(e)) from None
     require_root()
     lab = Lab.load(name)
     i = lab.gateway_index(gw)
-    ns = lab.gw_ns(i)
-    if mode == "blackhole":
-        await run(["ip", "netns", "exec", ns, "nft", "-f", "-"], input=(
-            "table inet hatunfail {\n"
-            "  chain in { type filter hook input priority -300; iifname \"ul\" drop; }\n"
-            "  chain out { type filter hook output priority -300; oifname \"ul\" drop; }\n"
-            "}\n"))
-        what = f"gw{i}: underlay blackholed (all packets dropped on its link)"
-    elif mode == "kill":
-        pid = gateway_wireguard_pid(lab, i)
-        if pid is not None:
-            os.kill(pid, signal.SIGKILL)
-            await _reap(pid)
-        else:
-            await run(["ip", "-n", ns, "link", "del", lab.gw_ifname(i)], check=False)
-        what = f"gw{i}: WireGuard peer killed"
+    if f"gw{i}" in lab.failed or _delay_label(i) in lab.pids:
+        await _heal(lab, i)
+    ruleset = faults.nft_ruleset(fault)
+    if ruleset is not None:
+        await run(["ip", "netns", "exec", lab.gw_ns(i), "nft", "-f", "-"], input=ruleset)
+    elif fault.kind == "kill":
+        await _kill_wireguard(lab, i)
     else:
-        raise LabError(f"unknown failure mode {mode!r}: use blackhole or kill")
-    lab.failed[f"gw{i}"] = mode
+        await _start_delay(lab, i, fault.delay)
+    lab.failed[f"gw{i}"] = str(fault)
     lab.save()
-    return what
+    return faults.describe(fault, f"gw{i}")
 
 
 async def lab_heal(name: str, gw: str) -> str:
-    """Repair what `lab_fail` broke on gateway GW."""
+    """Repair what `lab_fail` broke on gateway GW, whatever the mode. Idempotent."""
     require_root()
     lab = Lab.load(name)
     i = lab.gateway_index(gw)
-    await run(["ip", "netns", "exec", lab.gw_ns(i), "nft", "delete", "table", "inet", "hatunfail"], check=False)
+    await _heal(lab, i)
+    return f"gw{i}: healed"
+
+
+async def _heal(lab: Lab, i: int) -> None:
+    """Remove every fault of gateway I (each step is harmless where that fault is absent, so a fault
+    left half-installed by a crash goes too) and bring its WireGuard peer back; saves the lab."""
+    await run(["ip", "netns", "exec", lab.gw_ns(i), "nft", "delete", "table", "inet", faults.TABLE], check=False)
+    await _stop_delay(lab, i)
     await _start_gateway_wireguard(lab, i)  # idempotent: restarts a killed peer, else changes nothing
     lab.failed.pop(f"gw{i}", None)
     lab.save()
-    return f"gw{i}: healed"
+
+
+async def _kill_wireguard(lab: Lab, i: int) -> None:
+    pid = gateway_wireguard_pid(lab, i)
+    if pid is not None:
+        os.kill(pid, signal.SIGKILL)
+        await _reap(pid)
+    else:
+        await run(["ip", "-n", lab.gw_ns(i), "link", "del", lab.gw_ifname(i)], check=False)
+
+
+def _delay_label(i: int) -> str:
+    return f"delay-gw{i}"
+
+
+async def _start_delay(lab: Lab, i: int, delay: float) -> None:
+    """Start gateway I's delay line (lab/delay.py) and send its underlay's packets through it, both
+    ways, each way waiting DELAY/2: the round trip grows by DELAY whichever side starts it."""
+    if shutil.which("iptables") is None:
+        raise LabError("the delay fault needs iptables for its NFQUEUE rules (apt-get install iptables)")
+    log_path = os.path.join(lab.dir, f"delay-gw{i}.log")
+    with open(log_path, "ab") as out:
+        proc = subprocess.Popen(["ip", "netns", "exec", lab.gw_ns(i), sys.executable, "-m", "hatun.lab.delay",
+                                 "--queue", str(faults.DELAY_QUEUE), "--delay", f"{delay / 2:.6f}"],
+                                stdin=subprocess.DEVNULL, stdout=out, stderr=out, start_new_session=True)
+    # Recorded before any packet goes through it: heal and down find it whatever happens next.
+    lab.pids[_delay_label(i)] = proc.pid
+    lab.save()
+    try:
+        await _wait_delay_bound(proc, log_path)
+        for rule in faults.DELAY_RULES:
+            await run(["ip", "netns", "exec", lab.gw_ns(i), "iptables", "-w", "-t", "mangle", "-A", *rule])
+    except BaseException:
+        with trio.CancelScope(shield=True):
+            await _stop_delay(lab, i)
+        raise
+
+
+async def _wait_delay_bound(proc: subprocess.Popen, log_path: str) -> None:
+    """Bounded wait until the delay line holds its queue, as the kernel lists it in the process's own
+    namespace; without that, the rules' --queue-bypass would let the packets pass undelayed."""
+    with trio.move_on_after(SERVICE_START_TIMEOUT):  # Python starts slowly on an emulated CPU
+        while True:
+            try:
+                with open(f"/proc/{proc.pid}/net/netfilter/nfnetlink_queue") as f:
+                    if any(line.split()[:1] == [str(faults.DELAY_QUEUE)] for line in f):
+                        return
+            except FileNotFoundError:  # not in the namespace yet, or no queue bound since boot
+                pass
+            if proc.poll() is not None:
+                raise LabError(f"the delay line exited: {_last_line(log_path)} (log: {log_path})")
+            await trio.sleep(0.02)
+    raise LabError(f"the delay line did not bind its queue within {SERVICE_START_TIMEOUT:.0f} s: see {log_path}")
+
+
+def _last_line(path: str) -> str:
+    try:
+        with open(path, errors="replace") as f:
+            lines = f.read().strip().splitlines()
+    except OSError:
+        return "no log"
+    return lines[-1] if lines else "no log"
+
+
+async def _stop_delay(lab: Lab, i: int) -> None:
+    """Remove gateway I's NFQUEUE rules, then end its delay line by its recorded PID and wait for
+    it: in this order, no packet is queued to a line that is going away (it accepts what it holds)."""
+    pid = lab.pids.get(_delay_label(i))
+    if pid is None:
+        return  # the rules are only ever added after the PID is recorded
+    for rule in faults.DELAY_RULES:
+        await run(["ip", "netns", "exec", lab.gw_ns(i), "iptables", "-w", "-t", "mangle", "-D", *rule], check=False)
+    if _is_delay_line(pid):
+        await kill_pids([pid])
+        await _reap(pid)
+    del lab.pids[_delay_label(i)]
+    lab.save()
+
+
+def _is_delay_line(pid: int) -> bool:
+    """PID is still a delay line (not a reused PID; a zombie has no command line)."""
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            return b"hatun.lab.delay" in f.read().split(b"\0")
+    except OSError:
+        return False

@@ -4,8 +4,8 @@ The verdict itself is rise/fall hysteresis (`health.TunnelHealth`). Before an up
 down for lost probes, the congestion guard asks whether the tunnel is dead or only congested (a
 saturated tunnel or CPU, where moving its flows would break them at the gateways' NAT):
 
-- nothing arrived through it since the first failure (its receive counter, read from the kernel,
-  did not grow by more than CONGESTION_RX_BYTES; or the device did not answer): dead (a blackholed
+- nothing arrived through it since the failure before the last (its receive counter, read from the
+  kernel, did not grow by more than CONGESTION_RX_BYTES; or the device did not answer): dead (a blackholed
   path, a dead gateway, a frozen wireguard-go). Down now;
 - traffic still arrives: the way in works, the way out is unproven. It stays in service for up to
   CONGESTION_GRACE seconds, and stays for good if any probe reply comes meanwhile (a new one, or a
@@ -54,7 +54,8 @@ class FailureDetector:
         self._on_transition = on_transition
         self._rx_baseline: int | None = None  # rx bytes at the first failure of the current series
         self._rx_baseline_ready: trio.Event | None = None
-        self._evidence = trio.Event()  # set on any probe reply (late ones too)
+        self._evidence = trio.Event()  # set on any probe reply (late ones too), while awaited
+        self._awaiting_evidence = False
         self._congestion_logged = False
 
     def on_probe(self, ok: bool, rtt: float | None, reason: str | None) -> None:
@@ -71,9 +72,10 @@ class FailureDetector:
         if ok or (result is not None and not isinstance(result, Suspect)):
             self._rx_baseline, self._rx_baseline_ready = None, None
         if result is None:
-            # The first failure of an up tunnel: note how much it has received, in case its probes
-            # go on failing while traffic still flows in (congestion, not a dead path).
-            if not ok and health.failures == 1 and health.health is State.UP:
+            # The failure before the last that `fall` allows, of an up tunnel: note how much it has
+            # received, in case its probes go on failing while traffic still flows in (congestion,
+            # not a dead path). Not at every first miss: that is mostly noise, and a read costs.
+            if not ok and health.failures == max(1, health.fall - 1) and health.health is State.UP:
                 self._rx_baseline_ready = trio.Event()
                 self._spawn("congestion check", self._note_rx_baseline, self._rx_baseline_ready)
         elif isinstance(result, Suspect):
@@ -105,17 +107,24 @@ class FailureDetector:
         """Down at once (the tunnel's device or tasks failed)."""
         self._transition(self.health.fail_now(trio.current_time(), reason))
 
+    def configure(self, rise: int, fall: int, quality: Quality) -> None:
+        """New settings (a reload): the verdict is judged again under them."""
+        self._transition(self.health.configure(rise, fall, quality, trio.current_time()))
+
     def _transition(self, transition: Transition | None) -> None:
         if transition is not None:
             self._on_transition(transition)
+        # The weight follows the loss in steps of a tenth, and moves only by two steps or more (or
+        # back to whole): a lossy tunnel's estimate wanders, its route should not.
         share = round(self.health.weight_factor, 1)
-        if share != self.weight_share:
+        if share != self.weight_share and (share == 1.0 or abs(share - self.weight_share) >= 0.2 - 1e-9):
             self.weight_share = share
             self._on_weight(share)
 
     def _note_evidence(self) -> None:
-        self._evidence.set()
-        self._evidence = trio.Event()
+        if self._awaiting_evidence:  # an Event per probe reply would cost more than the rest of it
+            self._evidence.set()
+            self._evidence = trio.Event()
 
     def _congested(self, why: str) -> None:
         self.congested += 1
@@ -149,9 +158,13 @@ class FailureDetector:
             return  # a reply came meanwhile
         note = ""
         if received > CONGESTION_RX_BYTES:
-            with trio.move_on_after(CONGESTION_GRACE):
-                while self.health.suspect:
-                    await self._evidence.wait()
+            self._awaiting_evidence = True
+            try:
+                with trio.move_on_after(CONGESTION_GRACE):
+                    while self.health.suspect:
+                        await self._evidence.wait()
+            finally:
+                self._awaiting_evidence = False
             if not self.health.suspect:
                 return  # a reply came: congested (logged by whoever cleared it)
             note = (f"; {received} bytes arrived meanwhile but no probe came back within"

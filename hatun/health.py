@@ -14,9 +14,12 @@ Two judges give one verdict (in service: alive and not degraded):
   tunnel is dead do not count: a dead path is not a gray one.
 
 A dead tunnel tells which it was while it is down: a dead path answers nothing, a delayed one answers
-every probe late, a lossy one answers some and loses others. So when liveness brings a tunnel back
-after a death during which it both answered and lost probes, it comes back degraded (when quality
-limits are set): a path that loses half its packets dies and revives by chance, and must not flap.
+every probe late, a lossy one answers some and loses others. So from its first answer on, a dead
+tunnel's probes are counted, and liveness brings it back only when it answered `rise` in a row and,
+if any of those counted was missed, over at least MIN_QUALITY_PROBES of them: lost more than
+`max_loss`, it comes back degraded (a path that loses half its packets dies and revives by chance,
+and must not flap); less, and it is back (a clean outage with a stray loss as the path came back).
+One that dies again within `recover_time` of coming back is flapping: degraded too.
 
 Probe results are fed in the order they complete, each with the time it completed; the clock is
 whatever the caller uses (Trio's clock in the supervisor, plain numbers in tests).
@@ -40,11 +43,11 @@ class State(str, enum.Enum):
         return self.value
 
 
-QUALITY_WINDOW = 50  # probes over which the loss ratio is computed
+QUALITY_WINDOW = 100  # probes over which the loss ratio is computed (fewer: 8 % loss reads as 20 % by chance)
 MIN_QUALITY_PROBES = 20  # no loss verdict on fewer
 FIRST_RISE = 3  # the first verdict after start needs this many answers (or `rise`, if fewer)
-GRAY_EVIDENCE = 2  # a death is gray when at least this many probes were answered and as many lost
 RTT_ALPHA, RTT_BETA, RTT_K = 1 / 8, 1 / 4, 4  # RFC 6298
+RECOVER_RTT_SHARE = 0.8  # recover_rtt when not given: a band below max_rtt, so that the RTT cannot flap on it
 BASELINE_BUCKET = 30.0  # the baseline RTT is the smallest of the last BASELINE_BUCKETS x 30 s
 BASELINE_BUCKETS = 10
 # Upper bounds (seconds) of the RTT histogram's buckets; the metrics export it as it is.
@@ -74,13 +77,19 @@ class Quality:
     max_loss: float | None = None
     recover_loss: float = 0.05
     max_rtt: RttLimit | None = None
-    recover_rtt: RttLimit | None = None  # None: max_rtt
+    recover_rtt: RttLimit | None = None  # None: RECOVER_RTT_SHARE of max_rtt
     recover_time: float = 10.0
     action: str = "leave"  # "leave": degraded tunnels leave service; "reduce": their weight shrinks
 
     @property
     def enabled(self) -> bool:
         return self.max_loss is not None or self.max_rtt is not None
+
+    @property
+    def recover_rtt_limit(self) -> RttLimit | None:
+        if self.recover_rtt is not None or self.max_rtt is None:
+            return self.recover_rtt
+        return RttLimit(self.max_rtt.value * RECOVER_RTT_SHARE, self.max_rtt.relative)
 
 
 @dataclass(frozen=True)
@@ -121,9 +130,11 @@ class TunnelHealth:
         self.rttvar: float | None = None
         self._baseline: deque[tuple[int, float]] = deque(maxlen=BASELINE_BUCKETS)  # (bucket, smallest RTT)
         self._fates: deque[bool] = deque(maxlen=QUALITY_WINDOW)  # answered (in time or late), or lost
+        self._lost = 0  # False in _fates (counted as they come and go: a probe result costs no scan)
         self._good_since: float | None = None
         self._alive_since = now  # fates of probes sent before count only if it never died since
-        self._down_answered = 0  # while dead: probes answered (outside the final `rise` run)...
+        self._revived = False  # alive again after a death (not the first verdict)
+        self._down_answered = 0  # while dead, since its first answer: probes answered in time or late...
         self._down_missed = 0  # ... and probes missed, less the late replies since
         self.last_failure: str | None = None
         # With confirm_failures, an up tunnel that reaches `fall` failures becomes `suspect` instead
@@ -149,11 +160,11 @@ class TunnelHealth:
         """Share of the last QUALITY_WINDOW judged probes whose reply never came (0.0 before any)."""
         if not self._fates:
             return 0.0
-        return self._fates.count(False) / len(self._fates)
+        return self._lost / len(self._fates)
 
     @property
     def baseline(self) -> float | None:
-        """The smallest RTT of the last few minutes: what this path takes when nothing queues."""
+        """The smallest smoothed RTT of the last few minutes: what this path takes when nothing queues."""
         return min((m for _, m in self._baseline), default=None)
 
     def rto(self, floor: float, ceiling: float) -> float:
@@ -177,13 +188,22 @@ class TunnelHealth:
 
     # ------------------------------------------------------------ settings
 
-    def configure(self, rise: int, fall: int, quality: Quality | None = None) -> None:
-        """New thresholds (a reload); the current verdict and counters stay."""
+    def configure(self, rise: int, fall: int, quality: Quality | None, now: float) -> Transition | None:
+        """New thresholds (a reload); the counters stay, the verdict is judged again under them."""
         self.rise, self.fall = rise, fall
-        if quality is not None and quality != self.quality:
-            self.quality = quality
-            if not quality.enabled:
+        if quality is None or quality == self.quality:
+            return None
+        self.quality = quality
+        if self.alive and quality.enabled:
+            problem = self._quality_problem()
+            if self.degraded is None:
+                self.degraded = problem
+            elif problem is None and self._quality_good():
                 self.degraded = None
+        elif not quality.enabled:
+            self.degraded = None
+        self._good_since = None
+        return self._settle(now, "the health settings changed")
 
     # ------------------------------------------------------------ probe results
 
@@ -201,15 +221,16 @@ class TunnelHealth:
             if rtt is not None:
                 self._sample(rtt, now)
             self._judge_quality(True, now, now - (rtt or 0.0))
+            if self.alive is False:
+                self._down_answered += 1
             needed = min(self.rise, FIRST_RISE) if self.alive is None else self.rise
-            if not self.alive and self.successes >= needed:
+            if not self.alive and self.successes >= needed and self._evidence_enough():
                 self._revive(now)
                 return self._settle(now, f"{self.successes} probes answered, rtt {_ms(self.rtt_last)}")
             return self._settle(now, "")
         self.probes_failed += 1
         self.failures += 1
-        if self.alive is False:
-            self._down_answered += self.successes  # a run too short to revive: answers all the same
+        if self.alive is False and self._down_answered:
             self._down_missed += 1
         self.successes = 0
         self.last_failure = reason or "no reply"
@@ -230,7 +251,7 @@ class TunnelHealth:
         self.failures = 0
         if self.alive is False:
             self._down_answered += 1
-            self._down_missed = max(0, self._down_missed - 1)
+            self._down_missed = max(0, self._down_missed - 1)  # counted as missed when it was
         self._judge_quality(True, now, now - rtt)
         return self._settle(now, "")
 
@@ -270,29 +291,49 @@ class TunnelHealth:
         else:
             self.rttvar = (1 - RTT_BETA) * self.rttvar + RTT_BETA * abs(self.srtt - rtt)
             self.srtt = (1 - RTT_ALPHA) * self.srtt + RTT_ALPHA * rtt
-        bucket = int(now // BASELINE_BUCKET)
+        # The baseline follows the smoothed RTT, not single samples: one lucky fast reply on a jittery
+        # path would make any "5x" limit unreachable.
+        bucket, srtt = int(now // BASELINE_BUCKET), self.srtt
         if self._baseline and self._baseline[-1][0] == bucket:
-            if rtt < self._baseline[-1][1]:
-                self._baseline[-1] = (bucket, rtt)
+            if srtt < self._baseline[-1][1]:
+                self._baseline[-1] = (bucket, srtt)
         else:
-            self._baseline.append((bucket, rtt))
+            self._baseline.append((bucket, srtt))
 
     def _die(self, now: float, why: str) -> Transition | None:
+        if self.alive and self.quality.enabled and self.degraded is None and self._revived \
+                and now - self._alive_since < self.quality.recover_time:
+            # Back and dead again within the recovery time: a flapping path is a gray one.
+            self.degraded = f"died again {now - self._alive_since:.1f} s after it came back: flapping"
         self.alive = False
         self._good_since = None  # a degraded tunnel must stay good while alive
         self._down_answered = self._down_missed = 0
         return self._settle(now, why)
 
+    def _evidence_enough(self) -> bool:
+        """May a dead tunnel that answered `rise` in a row come back now? Yes when nothing was missed
+        since its first answer, or when MIN_QUALITY_PROBES were counted (then `_revive` judges them)."""
+        if self.alive is None or self.quality.max_loss is None or not self._down_missed:
+            return True
+        return self._down_answered + self._down_missed >= MIN_QUALITY_PROBES
+
     def _revive(self, now: float) -> None:
-        gray = self._down_answered >= GRAY_EVIDENCE and self._down_missed >= GRAY_EVIDENCE
-        if gray and self.quality.enabled:
+        q = self.quality
+        seen, missed = self._down_answered + self._down_missed, self._down_missed
+        if q.max_loss is not None and self.alive is False and missed > q.max_loss * seen:
             if self.degraded is None:
-                self.degraded = (f"while down it answered {self._down_answered} probes and lost"
-                                 f" {self._down_missed}: a lossy path, not a dead one")
+                self.degraded = (f"lost {missed} of {seen} probes while down (max_loss {q.max_loss:.0%}):"
+                                 " a lossy path, not a dead one")
             self._good_since = None
-            self._fates.clear()  # its recovery needs fresh evidence, not the window from before
-        elif self.quality.enabled and self.degraded is None:
+            # Its recovery needs fresh evidence: the window holds what it showed while down.
+            self._fates.clear()
+            keep = min(seen, QUALITY_WINDOW)
+            lost = round(keep * missed / seen)
+            self._fates.extend([True] * (keep - lost) + [False] * lost)
+            self._lost = lost
+        elif q.enabled and self.degraded is None:
             self.degraded = self._quality_problem()  # e.g. back, but slower than max_rtt allows
+        self._revived = self.alive is False
         self.alive = True
         self._alive_since = now
         self._down_answered = self._down_missed = 0
@@ -301,7 +342,12 @@ class TunnelHealth:
         """Count the fate of a probe SENT while alive, and move the degraded flag with hysteresis."""
         if self.alive is not True or sent < self._alive_since:
             return
-        self._fates.append(answered)
+        fates = self._fates
+        if len(fates) == fates.maxlen and not fates[0]:
+            self._lost -= 1
+        fates.append(answered)
+        if not answered:
+            self._lost += 1
         q = self.quality
         if not q.enabled:
             return
@@ -332,7 +378,7 @@ class TunnelHealth:
             return False
         if q.max_loss is not None and self.loss > q.recover_loss:
             return False
-        limit = q.recover_rtt or q.max_rtt
+        limit = q.recover_rtt_limit
         bound = limit.bound(self.baseline) if limit else None
         return bound is None or self.srtt is None or self.srtt <= bound
 

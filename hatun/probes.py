@@ -131,7 +131,7 @@ class ProbeStream:
         self.on_lost = on_lost or (lambda sent: None)  # a missed or failed probe (sent then) will never be answered
         self.rto = rto or (lambda: timeout)  # the current probe timeout (at most `timeout`)
         self.fall = fall  # after this many misses in a row, no more immediate re-probes
-        self.misses = 0  # probes missed in a row (a reply, late or not, ends the run)
+        self.misses = 0  # probes missed in a row (a timely reply ends the run)
         self.sender: Callable[[int], str | None] = lambda seq: "not started"
         # seq -> (send time on Trio's clock, wall clock, probe number)
         self.pending: dict[int, tuple[float, float, int]] = {}
@@ -209,7 +209,6 @@ class Scheduler:
             late = stream.late.pop(seq, None)
             if late is not None:
                 if ok:
-                    stream.misses = 0
                     if stream.on_late is not None:
                         stream.on_late(round_trip(late[0], late[1], received_wall, now))
                 else:
@@ -266,7 +265,9 @@ class Scheduler:
                 next_due = min(next_due, late[seq][0] + LATE_WINDOW)
                 stream.misses += 1
                 stream.on_result(False, None, _missed(timeout))
-                if stream.misses < stream.fall and not stream.removed:
+                # Another probe at once, unless one is on its way already: a path slower than the
+                # timeout (answering late) must not start a chain of probes per regular one.
+                if stream.misses < stream.fall and not pending and not stream.removed:
                     self._fire(stream, now, self.wall())
                     next_due = min(next_due, now + timeout)
             if not pending and not late:

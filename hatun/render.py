@@ -34,7 +34,7 @@ def check_summary(config, secrets, source: str, skipped_secrets: bool) -> str:
     if q.max_loss is not None:
         gray.append(f"loss over {q.max_loss:.0%} (back at {q.recover_loss:.0%})")
     if q.max_rtt is not None:
-        gray.append(f"rtt over {q.max_rtt} (back at {q.recover_rtt or q.max_rtt})")
+        gray.append(f"rtt over {q.max_rtt} (back at {q.recover_rtt_limit})")
     lines.append(
         f"  health: profile {h.profile}: probe every {format_duration(h.interval)}, timeout"
         f" {format_duration(h.min_timeout)}-{format_duration(h.timeout)} from the RTT, rise {h.rise}, fall {h.fall};"

@@ -16,6 +16,7 @@ its verdict (`health`, `drained`, `present`...) when it decides the route. Cance
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 import logging
 import socket
@@ -212,9 +213,10 @@ class TunnelRunner:
         old = self.cfg
         h = config.health_for(cfg)
         probe_changed = (cfg.probe_target != old.probe_target or h.interval != self.interval
-                         or h.timeout != self.timeout or h.jitter != self.jitter or h.fall != self.health.fall)
+                         or h.timeout != self.timeout or h.min_timeout != self.min_timeout or h.jitter != self.jitter
+                         or h.fall != self.health.fall)
         self.config, self.cfg, self.key = config, cfg, key
-        self.health.configure(h.rise, h.fall, h.quality())
+        self.detector.configure(h.rise, h.fall, h.quality())
         self.interval, self.timeout, self.min_timeout, self.jitter = h.interval, h.timeout, h.min_timeout, h.jitter
         self.handshake_timeout = h.handshake_timeout
         if cfg.endpoint != old.endpoint:
@@ -366,7 +368,7 @@ class TunnelRunner:
             stream = ProbeStream(self.name, interval=self.interval, timeout=self.timeout, jitter=self.jitter,
                                  on_result=self.detector.on_probe, on_late=self.detector.on_late_reply,
                                  on_lost=self.detector.on_lost, fall=self.health.fall,
-                                 rto=lambda: self.health.rto(self.min_timeout, self.timeout))
+                                 rto=functools.partial(self.health.rto, self.min_timeout, self.timeout))
             with trio.CancelScope() as scope:
                 self._probe_scope = scope
                 try:
@@ -417,8 +419,8 @@ class TunnelRunner:
     def _on_weight(self, share: float) -> None:
         """Degraded with on_degraded = "reduce": its weight is SHARE of the configured one (1.0: whole again)."""
         if share < 1.0:
-            log.warning("%s: weight reduced to %.0f%% (%s)", self.name, share * 100, self.health.degraded,
-                        extra={"tunnel": self.name})
+            log.info("%s: weight %.0f%% of its own (%s)", self.name, share * 100, self.health.degraded,
+                     extra={"tunnel": self.name})
         else:
             log.info("%s: full weight again", self.name, extra={"tunnel": self.name})
         self.env.poke()

@@ -238,3 +238,47 @@ def test_schema_file_is_current():
     """config/hatun.schema.json is generated from the models: regenerate with `hatun schema`."""
     on_disk = json.loads((ROOT / "config" / "hatun.schema.json").read_text())
     assert on_disk == json_schema(), "config/hatun.schema.json is stale: run `hatun schema > config/hatun.schema.json`"
+
+
+def _tunnel(keydir, name: str, n: int) -> str:
+    """A [[tunnels]] table for the config texts below."""
+    return (f'[[tunnels]]\nname = "{name}"\nprivate_key_env = "HATUN_TEST_GOOD"\naddress = "198.18.{100 + n}.2/30"\n'
+            f'peer_public_key = "{keydir["@PEER@"]}"\nendpoint = "198.18.1.{1 + n}:51820"\n')
+
+
+def test_tunnel_health_overrides_keep_their_types_and_a_tunnel_profile_keeps_the_given_keys(keydir):
+    """A tunnel's interval or max_rtt is a number of seconds / an RttLimit, never the written string;
+    a tunnel's own profile replaces [health]'s profile but not the keys [health] gave."""
+    from hatun.health import RttLimit
+
+    text = f"""
+[routing]
+prefixes = ["198.19.77.0/24"]
+[health]
+max_rtt = "100ms"
+handshake_timeout = "30s"
+{_tunnel(keydir, 'a', 1)}health = {{ interval = "200ms", recover_rtt = "2x" }}
+{_tunnel(keydir, 'b', 2)}health = {{ profile = "wan", rise = 2 }}
+"""
+    c = parse_config(text)
+    a, b = (c.health_for(t) for t in c.tunnels)
+    assert a.interval == 0.2 and a.recover_rtt == RttLimit(2.0, relative=True) and a.max_rtt == RttLimit(0.1)
+    assert (b.profile, b.interval, b.rise, b.fall, b.handshake_timeout, b.max_rtt) == ("wan", 0.5, 2, 4, 30.0, RttLimit(0.1))
+
+
+@pytest.mark.parametrize("health, where", [
+    ('min_timeout = "1s"\ntimeout = "100ms"', "health.min_timeout"),
+    ("max_loss = 0.1\nrecover_loss = 0.5", "health.recover_loss"),
+    ('max_rtt = "50ms"\nrecover_rtt = "80ms"', "health.recover_rtt"),
+    ('profile = "fast"\nmin_timeout = "300ms"', "health.min_timeout"),  # fast's ceiling is 200 ms
+])
+def test_contradicting_health_limits_are_problems(keydir, health, where):
+    text = f"""
+[routing]
+prefixes = ["198.19.77.0/24"]
+[health]
+{health}
+{_tunnel(keydir, 'a', 1)}"""
+    with pytest.raises(ConfigError) as e:
+        parse_config(text)
+    assert where in str(e.value), str(e.value)

@@ -7,6 +7,7 @@ delay are checked with generous bounds, never exact figures."""
 
 from __future__ import annotations
 
+import errno
 import os
 import re
 import signal
@@ -20,6 +21,8 @@ from decimal import Decimal
 
 import pytest
 import trio
+from hypothesis import given
+from hypothesis import strategies as st
 
 from hatun.cli import main
 from hatun.lab import delay, topology
@@ -159,16 +162,239 @@ def _packet(packet_id: int, seq: int = 0) -> bytes:
     return struct.pack("=IHHII", 16 + len(body), 3 << 8 | 0, 0, seq, 0) + body
 
 
+def _header(length: int, kind: int, seq: int = 0) -> bytes:
+    return struct.pack("=IHHII", length, kind, 0, seq, 0)
+
+
+def _packet_with_header_of_length(length: int) -> bytes:
+    return _header(28, 3 << 8) + bytes(4) + struct.pack("=HH", length, 1) + bytes(4)
+
+
+ACK = _header(36, 2, seq=1) + struct.pack("=i", 0) + bytes(16)
+REFUSED = _header(36, 2) + struct.pack("=i", -16) + bytes(16)
+
+
 def test_parse_packets_and_acks():
-    ack = struct.pack("=IHHII", 36, 2, 0, 1, 0) + struct.pack("=i", 0) + bytes(16)
-    refused = struct.pack("=IHHII", 36, 2, 0, 0, 0) + struct.pack("=i", -16) + bytes(16)
-    ids, acks = delay.parse(_packet(5) + _packet(0xFFFFFFFF) + ack + refused)
-    assert ids == [5, 0xFFFFFFFF]
-    assert acks == [(1, 0), (0, 16)]
-    with pytest.raises(ValueError):
-        delay.parse(_packet(5) + struct.pack("=IHHII", 99, 3 << 8, 0, 0, 0) + bytes(8))  # a length past the end
-    with pytest.raises(ValueError):
-        delay.parse(struct.pack("=IHHII", 20, 3 << 8, 0, 0, 0) + bytes(4))  # no packet header
+    assert delay.parse(_packet(5) + _packet(0xFFFFFFFF) + ACK + REFUSED) == ([5, 0xFFFFFFFF], [(1, 0), (0, 16)], [])
+
+
+@pytest.mark.parametrize("garbage, ids, acks, why", [
+    (_header(99, 3 << 8) + bytes(8), [5], [], "length 99"),  # a length past the end: the rest is lost
+    (_header(8, 3 << 8) + bytes(8), [5], [], "length 8"),  # shorter than its own header
+    (_header(20, 3 << 8) + bytes(4) + _packet(6), [5, 6], [], "without NFQA_PACKET_HDR"),
+    (_header(17, 2) + b"\xff\0\0\0" + _packet(6), [5, 6], [], "error message with a body of 1 bytes"),
+    (_header(16, 2) + _packet(6) + ACK, [5, 6], [(1, 0)], "error message with a body of 0 bytes"),
+    (_packet_with_header_of_length(40) + _packet(6), [5, 6], [], "attribute of length 40"),  # past its message
+    (_packet_with_header_of_length(6) + _packet(6), [5, 6], [], "NFQA_PACKET_HDR of length 6"),  # too short for an id
+    (b"\1\2\3", [5], [], "3 stray bytes"),
+])
+def test_parse_skips_a_malformed_message_and_says_why(garbage, ids, acks, why):
+    """A malformed message is skipped and described, never raised: the well-formed ones around it
+    still count (after it, unless its own length is wrong)."""
+    parsed = delay.parse(_packet(5) + garbage)
+    assert (parsed.ids, parsed.acks) == (ids, acks)
+    assert len(parsed.malformed) == 1 and why in parsed.malformed[0], parsed.malformed
+
+
+@given(st.lists(st.one_of(st.binary(max_size=64), st.integers(0, 2**32 - 1).map(_packet), st.just(ACK)), max_size=8))
+def test_parse_never_raises(pieces):
+    parsed = delay.parse(b"".join(pieces))
+    assert all(0 <= i < 2**32 for i in parsed.ids)
+
+
+def test_later_compares_ids_as_the_kernel_does():
+    assert delay.later(None, None) is None and delay.later(None, 3) == 3 and delay.later(3, None) == 3
+    assert delay.later(3, 4) == 4 and delay.later(4, 3) == 4
+    assert delay.later(0xFFFFFFFF, 2) == 2  # the ids wrapped around
+    line = delay.DelayLine(0.0)
+    for packet_id in (0xFFFFFFFE, 5, 0xFFFFFFFF):  # the kernel's last id, put on the line late
+        line.arrived(packet_id, 0.0)
+    assert line.newest == 5 and line.release(0.0) == 5
+
+
+PROC = """    0  31337     0 2  4016     0     0       12  1
+    7   4242     3 1     0     0     0      200  1
+"""
+
+
+def test_kernel_queue_and_bound_port():
+    assert delay.kernel_queue(PROC, 7) == delay.KernelQueue(portid=4242, total=3, last_id=200)
+    assert delay.kernel_queue(PROC, 8) is None and delay.kernel_queue("", 7) is None
+    log = ("... delay[9] cannot bind NFQUEUE 7: Device or resource busy\n"
+           "... delay[10] queue 7 bound by netlink port 4242: each packet waits 40 ms\n")
+    assert delay.bound_port(log, 7) == 4242 and delay.bound_port(log, 8) is None
+    assert delay.bound_port(log.splitlines()[0], 7) is None
+
+
+# ---------------------------------------------------------------- the delay line's loop (no root)
+
+
+class FakeNetlink:
+    """A netlink socket for Delayer: the items fed are handed out in turn (bytes, or an OSError to
+    raise), then BlockingIOError; the verdicts sent are decoded into VERDICTS (an OSError in
+    SEND_ERRORS is raised instead, in turn). Its file descriptor is a pipe's, readable while items
+    are left, for poll; AFTER runs once they are all handed out."""
+
+    def __init__(self, reads=(), send_errors=(), after=None):
+        self.reads, self.send_errors, self.after = [], list(send_errors), after
+        self.verdicts: list[int] = []
+        self.r, self.w = os.pipe()
+        os.set_blocking(self.r, False)
+        self.feed(*reads)
+
+    def feed(self, *items):
+        if items and not self.reads:
+            os.write(self.w, b"x")
+        self.reads += items
+
+    def fileno(self):
+        return self.r
+
+    def getsockname(self):
+        return (4242, 0)
+
+    def recv_into(self, buf, size, flags=0):
+        if not self.reads:
+            raise BlockingIOError
+        item = self.reads.pop(0)
+        if not self.reads:
+            os.read(self.r, 1)
+            if self.after:
+                self.after()
+        if isinstance(item, OSError):
+            raise item
+        buf[:len(item)] = item
+        return len(item)
+
+    def sendto(self, data, address):
+        if self.send_errors:
+            raise self.send_errors.pop(0)
+        assert struct.unpack_from("=H", data, 4)[0] == 3 << 8 | 3
+        self.verdicts.append(struct.unpack_from("!I", data, 28)[0])
+
+    def close(self):
+        os.close(self.r)
+        os.close(self.w)
+
+
+@pytest.fixture
+def kernel(monkeypatch):
+    """What the loop reads of the kernel's queue list (portid 4242 is the fake socket's)."""
+    state = {"queue": delay.KernelQueue(4242, 0, 0)}
+    monkeypatch.setattr(delay, "read_kernel_queue", lambda queue, pid="self": state["queue"])
+    return state
+
+
+def _refusal(code: int) -> bytes:
+    return _header(36, 2, seq=delay.VERDICT_SEQ) + struct.pack("=i", -code) + bytes(16)
+
+
+def test_the_loop_skips_malformed_messages_and_keeps_delaying(kernel, caplog):
+    fake = FakeNetlink([_packet(1) + _header(17, 2) + b"\1", _header(20, 3 << 8) + bytes(4), _packet(2) + b"\0\0"])
+    d = delay.Delayer(7, 0.0, sock=fake)
+    kernel["queue"] = delay.KernelQueue(4242, 3, 3)  # 3 waits in the kernel, its notification skipped
+    d.wakeup()
+    assert fake.verdicts == [3] and d.packets == 2 and d.malformed == 3 and not d.unchecked
+    assert len([r for r in caplog.records if "malformed" in r.message]) == 1  # rate-limited
+    fake.feed(_refusal(errno.ENOENT), _refusal(errno.EINVAL), _refusal(errno.EINVAL))
+    d.wakeup()  # nothing left to accept is no refusal; a refusal is logged, once
+    assert [r.message for r in caplog.records if "refused" in r.message] == ["verdict refused: Invalid argument"]
+
+
+def test_a_failed_verdict_goes_out_with_the_next_wakeup(kernel):
+    fake = FakeNetlink([_packet(1)], send_errors=[OSError(errno.ENOBUFS, "No buffer space available")])
+    d = delay.Delayer(7, 0.0, sock=fake)
+    d.wakeup()
+    assert fake.verdicts == [] and d.unsent == 1 and d._poll_timeout(time.monotonic()) == 50
+    d.wakeup()  # nothing new: the unsent verdict alone
+    assert fake.verdicts == [1] and d.unsent is None and d._poll_timeout(time.monotonic()) is None
+    fake.feed(_packet(2))
+    fake.send_errors = [BlockingIOError(errno.EAGAIN, "again")]
+    d.wakeup()
+    fake.feed(_packet(3))
+    d.wakeup()  # one verdict for both
+    assert fake.verdicts == [1, 3] and d.failed_sends == 2
+
+
+def test_after_a_loss_the_kernels_last_id_is_put_on_the_line(kernel):
+    fake = FakeNetlink([_packet(1), OSError(errno.ENOBUFS, "No buffer space available")])
+    d = delay.Delayer(7, 0.05, sock=fake)
+    kernel["queue"] = delay.KernelQueue(4242, 2, 9)  # 9 waits there unseen
+    d.wakeup()
+    assert d.lost == 1 and not d.unchecked and [i for _, i in d.line.waiting] == [1, 9]
+    assert 1 <= d._poll_timeout(time.monotonic()) <= 50
+    time.sleep(0.06)
+    d.wakeup()
+    assert fake.verdicts == [9]
+    kernel["queue"] = delay.KernelQueue(4242, 0, 12)  # nothing waits: 10..12 passed at once
+    fake.feed(OSError(errno.ENOBUFS, "No buffer space available"))
+    d.wakeup()
+    assert not d.line.waiting and d._poll_timeout(time.monotonic()) is None
+
+
+def test_while_a_loss_is_unchecked_the_loop_wakes_every_50_ms(kernel):
+    d = delay.Delayer(7, 5.0, sock=FakeNetlink())
+    d.line.arrived(1, time.monotonic())
+    assert d._poll_timeout(time.monotonic()) >= 4900
+    d.unchecked = True
+    assert d._poll_timeout(time.monotonic()) == 50
+
+
+@pytest.mark.parametrize("reads, send_errors, why", [
+    ([_packet(1), _refusal(errno.ENODEV)], [], "the queue is not bound"),
+    ([_packet(1), _refusal(errno.EPERM)], [], "bound to another socket"),
+    ([OSError(errno.EBADF, "Bad file descriptor")], [], "reading the netlink socket failed"),
+    ([_packet(1)], [OSError(errno.EBADF, "Bad file descriptor")], "sending a verdict failed"),
+])
+def test_only_a_lost_queue_ends_the_loop(kernel, reads, send_errors, why):
+    d = delay.Delayer(7, 0.0, sock=FakeNetlink(reads, send_errors))
+    with pytest.raises(delay.QueueLost, match=why):
+        for _ in range(3):
+            d.wakeup()
+
+
+def test_a_loss_check_finding_the_queue_gone_ends_the_loop(kernel):
+    d = delay.Delayer(7, 0.0, sock=FakeNetlink([OSError(errno.ENOBUFS, "No buffer space available")]))
+    kernel["queue"] = delay.KernelQueue(999, 0, 0)
+    with pytest.raises(delay.QueueLost, match="bound to netlink port 999, not to us"):
+        d.wakeup()
+    kernel["queue"] = None
+    d.unchecked = True
+    with pytest.raises(delay.QueueLost, match="bound to nobody"):
+        d.wakeup()
+
+
+def test_serve_survives_garbage_and_ends_on_its_stop_fd(kernel):
+    """The whole loop, fed through poll: malformed datagrams, a refused verdict, a loss and a failed
+    send go by; the signal pipe ends it normally."""
+    stop_r, stop_w = os.pipe()
+    garbage = [b"\0" * 3, _header(17, 2) + b"\1", _packet(1) + _header(99, 0), _refusal(errno.EINVAL),
+               OSError(errno.ENOBUFS, "No buffer space available"), _packet(2)]
+    fake = FakeNetlink(garbage, send_errors=[OSError(errno.ENOBUFS, "No buffer space available")],
+                       after=lambda: os.write(stop_w, b"x"))
+    d = delay.Delayer(7, 0.0, sock=fake)
+    try:
+        d.serve(stop_r)
+        assert d.packets == 2 and d.malformed == 3 and d.lost == 1
+        d.wakeup()
+        assert fake.verdicts[-1] == 2
+    finally:
+        fake.close()
+        os.close(stop_r)
+        os.close(stop_w)
+
+
+def test_serve_ends_with_queue_lost_when_the_socket_is_closed(kernel):
+    stop_r, stop_w = os.pipe()
+    fake = FakeNetlink()
+    os.close(fake.w)  # the pipe's read end now reports a hang-up
+    try:
+        with pytest.raises(delay.QueueLost, match="closed"):
+            delay.Delayer(7, 0.0, sock=fake).serve(stop_r)
+    finally:
+        os.close(fake.r)
+        os.close(stop_r)
+        os.close(stop_w)
 
 
 def test_delay_line_is_fifo_with_a_constant_delay():
@@ -312,11 +538,15 @@ def _bound(pid: int) -> bool:
         return False
 
 
+def _delay_line_command(lab) -> list[str]:
+    return ["ip", "netns", "exec", lab.gw_ns(1), sys.executable, "-m", "hatun.lab.delay", "--queue",
+            str(DELAY_QUEUE), "--delay", "0.01"]
+
+
 @pytest.mark.netns
 def test_delay_line_alone_exits_cleanly_on_sigterm_and_refuses_a_taken_queue(lab_factory):
     lab = lab_factory(1)
-    cmd = ["ip", "netns", "exec", lab.gw_ns(1), sys.executable, "-m", "hatun.lab.delay", "--queue",
-           str(DELAY_QUEUE), "--delay", "0.01"]
+    cmd = _delay_line_command(lab)
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
         wait_until(lambda: _bound(proc.pid), "the queue bound", 20)
@@ -329,3 +559,27 @@ def test_delay_line_alone_exits_cleanly_on_sigterm_and_refuses_a_taken_queue(lab
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+
+
+@pytest.mark.netns
+def test_a_leftover_delay_line_holding_the_queue_fails_the_fault(lab_factory):
+    """A delay line the lab does not know of (an earlier run's) holds the queue: the new one is
+    refused, and lab_fail says so instead of taking the leftover's queue for its own."""
+    lab = lab_factory(1)
+    cmd = _delay_line_command(lab)
+    leftover = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        wait_until(lambda: _bound(leftover.pid), "the queue bound", 20)
+        with pytest.raises(topology.LabError, match=r"exited with status 1: .*cannot bind NFQUEUE 7"):
+            trio.run(topology.lab_fail, lab.name, "gw1", "delay:50ms")
+        state = topology.Lab.load(lab.name)
+        assert "delay-gw1" not in state.pids and "gw1" not in state.failed and _nfqueue_rules(lab) == []
+        leftover.send_signal(signal.SIGTERM)
+        assert leftover.wait(timeout=10) == 0
+        out = leftover.stdout.read()
+        held = re.search(r"queue 7 bound by netlink port (\d+)", out)
+        assert held and "unbound" in out, out
+    finally:
+        if leftover.poll() is None:
+            leftover.kill()
+            leftover.wait()

@@ -93,16 +93,30 @@ async def test_a_missed_probe_is_followed_at_once_by_another_until_fall(autojump
     assert all(reason == "no reply within 10 ms" for _, ok, _, reason in results if not ok)
 
 
-async def test_a_reply_ends_a_run_of_misses(autojump_clock):
-    """Replies slower than the timeout: each is missed, then answered late; a late reply ends the run,
-    so re-probes go on (a slow path is not a dead one)."""
+async def test_a_slow_path_gets_no_chain_of_reprobes(autojump_clock):
+    """Replies slower than the timeout: each probe is missed, then answered late. Only `fall` misses in
+    a row get an immediate re-probe; late replies do not start a new run (else each regular probe
+    would start a chain of re-probes on a slow path, the load where a path is congested)."""
     late = []
-    results, peer = await probe_for(0.5, rtt=0.015, rto=lambda: 0.01, fall=2, interval=0.1, timeout=0.25,
-                                    jitter=0.0, on_late=late.append)
-    assert results and all(not ok for _, ok, _, _ in results)
+
+    async def speed_up(peer):
+        await trio.sleep(0.45)
+        peer.rtt = 0.002  # a timely reply ends the run: the next miss gets its re-probe again
+        await trio.sleep(0.2)
+        peer.alive = False
+
+    results, peer = await probe_for(0.8, rtt=0.015, rto=lambda: 0.01, fall=2, interval=0.1, timeout=0.25,
+                                    jitter=0.0, on_late=late.append, chaos=speed_up)
     assert late and all(r == pytest.approx(0.015) for r in late)
-    # Every regular probe is missed and followed by one re-probe, missed too; its late reply resets.
-    assert len(peer.sent) >= 2 * 4
+    sends = [round(t, 3) for _, t in peer.sent]
+    assert sends[:6] == [0.0, 0.01, 0.1, 0.2, 0.3, 0.4]  # one re-probe, then regular probes only
+    assert 0.71 in sends  # the first miss after timely replies: a re-probe at once
+
+
+async def test_no_probe_storm_on_a_path_slower_than_the_ceiling(autojump_clock):
+    results, peer = await probe_for(10.0, rtt=0.3, rto=lambda: 0.2, fall=10, interval=0.03, timeout=0.2,
+                                    jitter=0.0)
+    assert len(peer.sent) <= 10.0 / 0.03 + 10 + 2
 
 
 async def test_jitter_spreads_sends(autojump_clock):

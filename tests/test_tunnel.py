@@ -98,10 +98,10 @@ async def test_a_down_silent_tunnel_gets_session_kicks_and_an_up_one_none(autoju
 async def fail_while_traffic_arrives(runner, rtnl, stream) -> None:
     """An up tunnel whose probes fail `fall` times while a lot arrives through it."""
     results(stream, True, runner.health.rise)
-    results(stream, False, 1)
-    await trio.sleep(0.05)  # the baseline of the rx counter is read
-    rtnl.add("hat-gw1", rtnl.links["hat-gw1"].index, rx=1_000_000)  # the way in works
     results(stream, False, runner.health.fall - 1)
+    await trio.sleep(0.05)  # the baseline of the rx counter is read (at the failure before the last)
+    rtnl.add("hat-gw1", rtnl.links["hat-gw1"].index, rx=1_000_000)  # the way in works
+    results(stream, False, 1)
 
 
 async def test_congestion_guard_keeps_a_tunnel_that_receives_and_answers_late(autojump_clock):

@@ -18,7 +18,7 @@ from typing import Annotated, Any
 
 from pydantic import BaseModel, TypeAdapter, ValidationError
 
-from hatun.config.models import Config, Control, Routing, Tunnel
+from hatun.config.models import Config, Control, Health, HealthOverrides, Routing, Tunnel
 from hatun.config.problems import Problem
 from hatun.config.values import (
     DEFAULT_INTERFACE_PREFIX,
@@ -31,6 +31,7 @@ from hatun.config.values import (
     max_slot,
     table_range_problem,
 )
+from hatun.durations import format_duration
 from hatun.keys import InvalidKey, PrivateKey, PublicKey, load_private_key_env, load_private_key_file
 
 
@@ -133,9 +134,49 @@ def _loose_tunnels(raw: dict[str, Any]) -> list[_LooseTunnel]:
     return out
 
 
+def _health_problems(raw: dict[str, Any]) -> list[Problem]:
+    """Limits that contradict each other, in [health] and in each tunnel's settings (its own keys over
+    [health]'s); a section that does not validate is reported by the schema check instead."""
+    try:
+        base = Health.model_validate(raw.get("health", {}))
+    except ValidationError:
+        return []
+    problems = _health_conflicts("health", base)
+    tunnels = raw.get("tunnels")
+    for i, t in enumerate(tunnels if isinstance(tunnels, list) else []):
+        own = t.get("health") if isinstance(t, dict) else None
+        if own is None:
+            continue
+        try:
+            merged = base.merged(HealthOverrides.model_validate(own))
+        except ValidationError:
+            continue
+        known = {(p.loc.rsplit(".", 1)[1], p.message, p.got) for p in problems}
+        problems += [p for p in _health_conflicts(f"tunnels[{i}].health", merged)
+                     if (p.loc.rsplit(".", 1)[1], p.message, p.got) not in known]
+    return problems
+
+
+def _health_conflicts(where: str, h: Health) -> list[Problem]:
+    out = []
+    if h.min_timeout > h.timeout:
+        out.append(Problem(f"{where}.min_timeout", f"the probe timeout's floor is above its ceiling (timeout"
+                                                   f" {format_duration(h.timeout)}): the timeout could never adapt",
+                           format_duration(h.min_timeout)))
+    if h.max_loss is not None and h.max_loss < 1 and h.recover_loss > h.max_loss:
+        out.append(Problem(f"{where}.recover_loss", f"above max_loss ({h.max_loss:g}): a tunnel would leave"
+                                                    " and come back at the same loss, again and again",
+                           f"{h.recover_loss:g}"))
+    if h.max_rtt is not None and h.recover_rtt is not None and h.recover_rtt.relative == h.max_rtt.relative \
+            and h.recover_rtt.value > h.max_rtt.value:
+        out.append(Problem(f"{where}.recover_rtt", f"above max_rtt ({h.max_rtt}): a tunnel would leave and come"
+                                                   " back at the same RTT, again and again", str(h.recover_rtt)))
+    return out
+
+
 def semantic_problems(raw: dict[str, Any]) -> list[Problem]:
     """Checks that span fields or tunnels, over every field that validates on its own."""
-    problems: list[Problem] = []
+    problems: list[Problem] = _health_problems(raw)
     tunnels = _loose_tunnels(raw)
     routing = _Table(Routing, raw.get("routing"))
 
@@ -370,6 +411,11 @@ def config_warnings(config: Config) -> list[str]:
             " (tunnel names, states, endpoints and counters) can be read from other hosts;"
             " listen on 127.0.0.1 unless a firewall protects the port"
         )
+    if config.health.recover_rtt is not None and config.health.max_rtt is None:
+        warnings.append("health.recover_rtt: does nothing without max_rtt")
+    for i, t in enumerate(config.tunnels):
+        if t.health is not None and t.health.recover_rtt is not None and config.health_for(t).max_rtt is None:
+            warnings.append(f"tunnels[{i}].health.recover_rtt: does nothing without max_rtt")
     return warnings
 
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 import ipaddress
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, model_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, PrivateAttr, model_validator
 
 from hatun.config.values import (
     DEFAULT_INTERFACE_PREFIX,
@@ -64,7 +64,7 @@ Share = Annotated[float, Field(ge=0, le=1)]
 
 class HealthOverrides(_Model):
     """Health settings a tunnel may override (unset: the [health] value). A tunnel's own `profile`
-    replaces the [health] settings; its other keys override that profile."""
+    replaces the [health] profile (the keys [health] gives still apply); its other keys override both."""
 
     profile: Profile | None = Field(None, description="named settings: fast, default or wan")
     interval: Duration | None = Field(None, description="time between probes")
@@ -111,22 +111,31 @@ class Health(_Model):
     on_degraded: Literal["leave", "reduce"] = Field(
         "leave", description="a degraded tunnel leaves service, or keeps it with its weight reduced in proportion")
 
-    @model_validator(mode="before")
+    _given: frozenset[str] = PrivateAttr(frozenset())  # the keys the config gave (not from the profile)
+
+    @model_validator(mode="wrap")
     @classmethod
-    def _from_profile(cls, data: Any) -> Any:
+    def _from_profile(cls, data: Any, handler: Any) -> Health:
         """Keys not given come from the profile."""
+        given: frozenset[str] = frozenset()
         if isinstance(data, dict):
+            given = frozenset(data)
             profile = data.get("profile", "default")
             if isinstance(profile, str) and profile in HEALTH_PROFILES:
-                return {**_HEALTH_COMMON, **HEALTH_PROFILES[profile], **data}
-        return data
+                data = {**_HEALTH_COMMON, **HEALTH_PROFILES[profile], **data}
+        health = handler(data)
+        health._given = given
+        return health
 
     def merged(self, override: HealthOverrides | None) -> Health:
+        """A tunnel's settings: OVERRIDE's keys over these; a profile of its own replaces this one's,
+        under the keys this one was given and OVERRIDE's own."""
         if override is None:
             return self
-        keys = override.model_dump(exclude_none=True, mode="python")
+        # The typed values (a dump would give durations and RTT limits in their written form).
+        keys = {k: getattr(override, k) for k in HealthOverrides.model_fields if getattr(override, k) is not None}
         if "profile" in keys:
-            return Health.model_validate(keys)
+            return Health.model_validate({**{k: getattr(self, k) for k in self._given}, **keys})
         return self.model_copy(update=keys)
 
     def quality(self) -> Quality:

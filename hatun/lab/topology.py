@@ -598,6 +598,7 @@ async def _start_delay(lab: Lab, i: int, delay: float) -> None:
         raise LabError("the delay fault needs iptables for its NFQUEUE rules (apt-get install iptables)")
     log_path = os.path.join(lab.dir, f"delay-gw{i}.log")
     with open(log_path, "ab") as out:
+        log_start = out.tell()  # the log is appended to: what this run writes starts here
         proc = subprocess.Popen(["ip", "netns", "exec", lab.gw_ns(i), sys.executable, "-m", "hatun.lab.delay",
                                  "--queue", str(faults.DELAY_QUEUE), "--delay", f"{delay / 2:.6f}"],
                                 stdin=subprocess.DEVNULL, stdout=out, stderr=out, start_new_session=True)
@@ -605,7 +606,7 @@ async def _start_delay(lab: Lab, i: int, delay: float) -> None:
     lab.pids[_delay_label(i)] = proc.pid
     lab.save()
     try:
-        await _wait_delay_bound(proc, log_path)
+        await _wait_delay_bound(proc, log_path, log_start)
         for rule in faults.DELAY_RULES:
             await run(["ip", "netns", "exec", lab.gw_ns(i), "iptables", "-w", "-t", "mangle", "-A", *rule])
     except BaseException:
@@ -614,30 +615,41 @@ async def _start_delay(lab: Lab, i: int, delay: float) -> None:
         raise
 
 
-async def _wait_delay_bound(proc: subprocess.Popen, log_path: str) -> None:
-    """Bounded wait until the delay line holds its queue, as the kernel lists it in the process's own
-    namespace; without that, the rules' --queue-bypass would let the packets pass undelayed."""
+async def _wait_delay_bound(proc: subprocess.Popen, log_path: str, log_start: int = 0) -> None:
+    """Bounded wait until the delay line PROC holds its queue; without that, the rules'
+    --queue-bypass would let the packets pass undelayed. The queue being listed is not enough: a
+    leftover line of an earlier run may hold it while PROC exits refused. So the kernel must list
+    it, in PROC's own namespace, as bound to the netlink port PROC logged (after LOG_START in
+    LOG_PATH), and PROC must still run once it does."""
+    from hatun.lab import delay
+
+    def this_run() -> str:
+        try:
+            with open(log_path, "rb") as f:
+                f.seek(log_start)
+                return f.read().decode(errors="replace")
+        except OSError:
+            return ""
+
+    def failed(why: str) -> LabError:
+        tail = " | ".join(line.strip() for line in this_run().strip().splitlines()[-5:]) or "nothing logged"
+        return LabError(f"the delay line {why}: {tail} (log: {log_path})")
+
     with trio.move_on_after(SERVICE_START_TIMEOUT):  # Python starts slowly on an emulated CPU
-        while True:
+        while proc.poll() is None:
+            port = delay.bound_port(this_run(), faults.DELAY_QUEUE)
             try:
-                with open(f"/proc/{proc.pid}/net/netfilter/nfnetlink_queue") as f:
-                    if any(line.split()[:1] == [str(faults.DELAY_QUEUE)] for line in f):
-                        return
-            except FileNotFoundError:  # not in the namespace yet, or no queue bound since boot
-                pass
-            if proc.poll() is not None:
-                raise LabError(f"the delay line exited: {_last_line(log_path)} (log: {log_path})")
+                held = delay.read_kernel_queue(faults.DELAY_QUEUE, proc.pid) if port is not None else None
+            except OSError:  # gone meanwhile
+                held = None
+            if held is not None and held.portid != port:
+                raise failed(f"logged netlink port {port}, but the kernel lists queue {faults.DELAY_QUEUE} "
+                             f"as bound to port {held.portid}")
+            if held is not None and proc.poll() is None:
+                return
             await trio.sleep(0.02)
-    raise LabError(f"the delay line did not bind its queue within {SERVICE_START_TIMEOUT:.0f} s: see {log_path}")
-
-
-def _last_line(path: str) -> str:
-    try:
-        with open(path, errors="replace") as f:
-            lines = f.read().strip().splitlines()
-    except OSError:
-        return "no log"
-    return lines[-1] if lines else "no log"
+        raise failed(f"exited with status {proc.returncode}")
+    raise failed(f"did not bind its queue within {SERVICE_START_TIMEOUT:.0f} s")
 
 
 async def _stop_delay(lab: Lab, i: int) -> None:

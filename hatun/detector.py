@@ -10,6 +10,14 @@ saturated tunnel or CPU, where moving its flows would break them at the gateways
 - traffic still arrives: the way in works, the way out is unproven. It stays in service for up to
   CONGESTION_GRACE seconds, and stays for good if any probe reply comes meanwhile (a new one, or a
   late reply to a probe that timed out). Without one, the way out is broken (a one-way failure): down.
+- nothing arrived, but much was sent into it (more than CONGESTION_TX_BYTES), or its wireguard-go is
+  runnable (a thread in state R: busy or waiting for a CPU; a frozen one is T, an idle one on a dead
+  path S): its probes may wait in a queue behind that data, or it had no CPU to move them. Up to
+  QUEUE_WAIT more for anything to arrive or any reply: then as above; else dead.
+- the same grace when nothing arrived but the tunnel answered late within the last CONGESTION_MEMORY
+  seconds: a saturated tunnel's TCP flows back off for hundreds of milliseconds after losses, so
+  nothing may arrive through it for longer than its probes wait, and its replies queue behind the
+  data. A dead path that was congested just before is found CONGESTION_GRACE later.
 
 A stale WireGuard handshake (or none) counts as a failed probe. Gray failures (loss, latency) are
 judged by `TunnelHealth` from every probe's fate; the congestion guard never keeps a degraded tunnel.
@@ -31,6 +39,12 @@ log = logging.getLogger("hatun")
 # so a few hundred bytes already mean traffic.
 CONGESTION_RX_BYTES = 256
 CONGESTION_GRACE = 2.0
+CONGESTION_MEMORY = 10.0  # a late reply this recent makes a silent tunnel "busy" rather than "dead"
+# Sent into the tunnel since the failure before the last, enough to fill a queue (a saturating flow:
+# about 10 Mbit/s over that window of a few ms): nothing received yet may be a full queue, not a dead
+# path, and QUEUE_WAIT tells which. Light traffic (the benchmark's 300 packets/s) never waits.
+CONGESTION_TX_BYTES = 16384
+QUEUE_WAIT = 0.25
 COUNTER_TIMEOUT = 0.5  # reading the receive counter; a device that does not answer by then gives no evidence
 
 
@@ -39,20 +53,23 @@ class FailureDetector:
     short task in the tunnel's nursery; ON_TRANSITION is told every change of verdict."""
 
     def __init__(self, name: str, rise: int, fall: int, now: float, *,
-                 link_rx: Callable[[], Awaitable[int | None]], spawn: Callable[..., None],
+                 link_bytes: Callable[[], Awaitable[tuple[int, int] | None]], spawn: Callable[..., None],
                  on_transition: Callable[[Transition], None], quality: Quality | None = None,
-                 on_weight: Callable[[float], None] = lambda share: None) -> None:
+                 on_weight: Callable[[float], None] = lambda share: None,
+                 starved: Callable[[], bool] = lambda: False) -> None:
         self.name = name
         self.weight_share = 1.0  # of its configured weight (on_degraded = "reduce"), in steps of 0.1
         self._on_weight = on_weight
+        self._starved = starved  # its user-space data plane is runnable (busy or waiting for a CPU)
         self.health = TunnelHealth(name, rise, fall, now, quality)
         self.health.confirm_failures = True
         self.congested = 0  # probe failures that traffic showed to be congestion
         self.late_replies = 0  # replies to probes that had already timed out
-        self._link_rx = link_rx
+        self._late_at = -CONGESTION_MEMORY  # when the last one came
+        self._link_bytes = link_bytes
         self._spawn = spawn
         self._on_transition = on_transition
-        self._rx_baseline: int | None = None  # rx bytes at the first failure of the current series
+        self._rx_baseline: tuple[int, int] | None = None  # (rx, tx) bytes at the failure before the last
         self._rx_baseline_ready: trio.Event | None = None
         self._evidence = trio.Event()  # set on any probe reply (late ones too), while awaited
         self._awaiting_evidence = False
@@ -86,6 +103,7 @@ class FailureDetector:
     def on_late_reply(self, rtt: float) -> None:
         """A reply to a probe that had been missed: the path works both ways, only slowly."""
         self.late_replies += 1
+        self._late_at = trio.current_time()
         self._note_evidence()
         if self.health.suspect:
             self.health.clear_suspect()
@@ -133,14 +151,15 @@ class FailureDetector:
             log.info("%s: %d probes lost, but %s: congested, not down (logged once until it recovers)",
                      self.name, self.health.fall, why)
 
-    async def _read_rx(self) -> int | None:
+    async def _read_bytes(self) -> tuple[int, int] | None:
+        """(received, sent) bytes of the tunnel's device, or None (unknown, or no answer in time)."""
         with trio.move_on_after(COUNTER_TIMEOUT):
-            return await self._link_rx()
+            return await self._link_bytes()
         return None
 
     async def _note_rx_baseline(self, ready: trio.Event) -> None:
         try:
-            value = await self._read_rx()
+            value = await self._read_bytes()
             if self._rx_baseline_ready is ready:
                 self._rx_baseline = value
         finally:
@@ -152,12 +171,28 @@ class FailureDetector:
         if ready is not None:
             with trio.move_on_after(COUNTER_TIMEOUT):
                 await ready.wait()
-        baseline, now_rx = self._rx_baseline, await self._read_rx()
-        received = now_rx - baseline if now_rx is not None and baseline is not None and now_rx >= baseline else 0
+        started, baseline, now = trio.current_time(), self._rx_baseline, await self._read_bytes()
+        received, sent = _grown(baseline, now)
+        log.debug("%s: %d probes failed; since the failure before: %s received, %s sent (counters %s -> %s)",
+                  self.name, self.health.fall, received, sent, baseline, now)
         if not self.health.suspect:
             return  # a reply came meanwhile
+        if received <= CONGESTION_RX_BYTES and (sent > CONGESTION_TX_BYTES or self._starved()):
+            # Much went in and nothing came out, or its wireguard-go waits for a CPU: its own data may
+            # hold the probes and the replies in a queue, or it had no time to move them. Dead, or only
+            # full? A little longer tells (or a reply comes).
+            self._awaiting_evidence = True
+            try:
+                with trio.move_on_after(QUEUE_WAIT):
+                    await self._evidence.wait()
+            finally:
+                self._awaiting_evidence = False
+            if not self.health.suspect:
+                return
+            received = _grown(baseline, await self._read_bytes())[0]
         note = ""
-        if received > CONGESTION_RX_BYTES:
+        busy = started - self._late_at < CONGESTION_MEMORY
+        if received > CONGESTION_RX_BYTES or busy:
             self._awaiting_evidence = True
             try:
                 with trio.move_on_after(CONGESTION_GRACE):
@@ -167,6 +202,16 @@ class FailureDetector:
                 self._awaiting_evidence = False
             if not self.health.suspect:
                 return  # a reply came: congested (logged by whoever cleared it)
-            note = (f"; {received} bytes arrived meanwhile but no probe came back within"
-                    f" {CONGESTION_GRACE:g} s more: the way to the gateway is broken")
+            why = (f"{received} bytes arrived meanwhile" if received > CONGESTION_RX_BYTES
+                   else "it was answering late just before")
+            note = (f"; {why} but no probe came back within {CONGESTION_GRACE:g} s more: the tunnel is"
+                    " down, not busy")
         self._transition(self.health.confirm_down(trio.current_time(), note))
+
+
+def _grown(before: tuple[int, int] | None, after: tuple[int, int] | None) -> tuple[int, int]:
+    """Bytes (received, sent) between two readings of a device's counters (0 when unknown, or when
+    the counters went back: a new device)."""
+    if before is None or after is None:
+        return 0, 0
+    return tuple(max(0, a - b) if a >= b else 0 for a, b in zip(after, before))  # type: ignore[return-value]

@@ -35,6 +35,7 @@ from hatun.netlink.core import NetlinkError, NetlinkTimeout
 from hatun.netlink.rtnl import Link, Rtnl
 from hatun.probes import ProbeEngine, ProbeStream
 from hatun.serving import RateLimitedLog
+from hatun.wireguard.goprocess import runnable
 from hatun.wireguard.model import DeviceSettings, DeviceStatus, PeerSettings, WireGuardError
 
 log = logging.getLogger("hatun")
@@ -93,9 +94,9 @@ class TunnelRunner:
         self.key = key  # PrivateKey
         self.slot = slot
         h = config.health_for(cfg)
-        self.detector = FailureDetector(cfg.name, h.rise, h.fall, now, link_rx=self._link_rx, spawn=self._spawn,
+        self.detector = FailureDetector(cfg.name, h.rise, h.fall, now, link_bytes=self._link_bytes, spawn=self._spawn,
                                         on_transition=self._on_transition, quality=h.quality(),
-                                        on_weight=self._on_weight)
+                                        on_weight=self._on_weight, starved=self._starved)
         self.counters = DeviceCounters(env.backend, cfg.ifname, cfg.name)
         self.interval, self.timeout, self.min_timeout, self.jitter = h.interval, h.timeout, h.min_timeout, h.jitter
         self.handshake_timeout = h.handshake_timeout
@@ -393,9 +394,10 @@ class TunnelRunner:
         self.detector.check_handshake(self.handshake_age(), trio.current_time() - self.started_at,
                                       self.handshake_timeout)
 
-    async def _link_rx(self) -> int | None:
-        """Bytes the tunnel received (decrypted), from the kernel's counters of its device: a netlink
-        read that never waits on a wireguard-go (a frozen one must not delay a verdict). None: unknown."""
+    async def _link_bytes(self) -> tuple[int, int] | None:
+        """Bytes the tunnel received (decrypted) and sent, from the kernel's counters of its device: a
+        netlink read that never waits on a wireguard-go (a frozen one must not delay a verdict). None:
+        unknown."""
         index = self.ifindex
         if index is None:
             return None
@@ -404,7 +406,14 @@ class TunnelRunner:
         except (NetlinkError, NetlinkTimeout) as e:
             log.debug("%s: reading counters: %s", self.name, e)
             return None
-        return link.rx_bytes if link is not None and link.name == self.ifname else None
+        if link is None or link.name != self.ifname or link.rx_bytes is None or link.tx_bytes is None:
+            return None
+        return link.rx_bytes, link.tx_bytes
+
+    def _starved(self) -> bool:
+        """Its wireguard-go (if any) has a thread running or waiting for a CPU."""
+        pid = self.env.backend.pid(self.ifname)
+        return pid is not None and runnable(pid)
 
     def _on_transition(self, tr: Transition) -> None:
         self.presumed_up = False

@@ -49,6 +49,9 @@ def config_text(tunnels: list[str] | dict[str, dict[str, str]] = ("gw1", "gw2"),
 class NullBackend:
     """A backend that answers every read with nothing and applies nothing."""
 
+    def pid(self, ifname: str) -> None:
+        return None
+
     async def get(self, ifname: str, *, with_link: bool = True, timeout=None):
         return None
 
@@ -82,8 +85,8 @@ class FakeRtnl:
     def __init__(self) -> None:
         self.links: dict[str, Link] = {}
 
-    def add(self, name: str, index: int, *, up: bool = True, rx: int = 0) -> None:
-        self.links[name] = Link(index, name, "tun", up, up, 1420, rx_bytes=rx)
+    def add(self, name: str, index: int, *, up: bool = True, rx: int = 0, tx: int = 0) -> None:
+        self.links[name] = Link(index, name, "tun", up, up, 1420, rx_bytes=rx, tx_bytes=tx)
 
     async def link(self, which):
         for link in self.links.values():

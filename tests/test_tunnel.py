@@ -156,3 +156,24 @@ async def test_kicks_go_on_when_a_down_tunnels_tasks_restart(autojump_clock):
         kicked = backend.resets
         await trio.sleep(3.5 * KICK_INTERVAL)
         assert runner.health.health is State.DOWN and backend.resets >= kicked + 3
+
+
+async def test_a_tunnel_full_of_its_own_data_waits_for_the_queue_not_for_death(autojump_clock):
+    """Nothing arrived, but much was sent into it: its probes may wait behind that data. A reply within
+    QUEUE_WAIT keeps it; without one (and nothing received) it is dead."""
+    for reply in (True, False):
+        runner, backend, rtnl, probes = started_runner()
+        async with serving(runner, probes) as stream:
+            results(stream, True, runner.health.rise)
+            results(stream, False, runner.health.fall - 1)
+            await trio.sleep(0.05)  # the baseline is read
+            rtnl.add("hat-gw1", rtnl.links["hat-gw1"].index, tx=10_000_000)  # much sent, nothing received
+            results(stream, False, 1)
+            await trio.sleep(0.1)
+            assert runner.health.health is State.UP and runner.health.suspect
+            if reply:
+                stream.on_late(0.2)
+                await trio.sleep(3)
+                assert runner.health.health is State.UP
+            else:
+                await wait_until(lambda: runner.health.health is State.DOWN, 1)

@@ -49,8 +49,8 @@ class _Model(BaseModel):
 # What each profile sets; a key given in the config overrides it. See docs/design.md "Failure
 # detection" for how these numbers come out as detection times and probe costs.
 HEALTH_PROFILES: dict[str, dict[str, Any]] = {
-    # Loss window about 50 ms on a LAN-like path; 33 probes/s per tunnel.
-    "fast": {"interval": 0.03, "timeout": 0.2, "min_timeout": 0.01, "rise": 10, "fall": 3, "recover_time": 5.0},
+    # Loss window about 60 ms on a LAN-like path; 33 probes/s per tunnel.
+    "fast": {"interval": 0.03, "timeout": 0.2, "min_timeout": 0.007, "rise": 10, "fall": 3, "recover_time": 5.0},
     # About 150 ms; 10 probes/s per tunnel.
     "default": {"interval": 0.1, "timeout": 0.5, "min_timeout": 0.025, "rise": 10, "fall": 3, "recover_time": 10.0},
     # Paths across the internet: slower, jittery, sometimes lossy. About 1.5 s; 2 probes/s.

@@ -228,6 +228,8 @@ async def _bfd_window(lab: Lab, t: float) -> tuple[float, float]:
 
 
 async def bench_failover(report: Report, backend: str, runs: int, quick: bool, baseline: str | None = None) -> None:
+    from hatun.config.models import HEALTH_PROFILES
+
     for profile in ["default"] if quick else ["default", "fast"]:
         sc = f"failover/{profile}"
         window = report.figure(sc, "loss window of the failed tunnel's flows, taken together", "ms",
@@ -257,7 +259,11 @@ async def bench_failover(report: Report, backend: str, runs: int, quick: bool, b
                 others = [f for f in flows if f.gateways()[:1] not in (["gw2"], [])]
                 lost_other.values.append(sum(len(f.lost(end=max(f.sent.values()) - t)) for f in others))
                 moved.values.append(100 * sum(len(f.gateways()) > 1 for f in flows) / len(flows))
-                # Failback: TCP connections opened while gw2 is out must survive its return.
+                # Failback: TCP connections opened while gw2 is out must survive its return. First gw2
+                # stays up for its recovery time: failing again sooner is flapping, which hatun
+                # answers with the recovery time (its own figure: `gray`).
+                await _wait_status(hatun, lambda st: "gw2" in st["route"]["members"], 30 * t, "gw2 back")
+                await trio.sleep(HEALTH_PROFILES[profile]["recover_time"] * t)
                 await topology.lab_fail(lab.name, "gw2", "blackhole")
                 await _wait_status(hatun, lambda st: "gw2" not in st["route"]["members"], 10 * t, "gw2 out")
                 marks: dict[str, float] = {}
@@ -298,6 +304,8 @@ GRAY_MODES = ("loss:10", "loss:30", "loss:60", "delay:80ms")
 async def bench_gray(report: Report, backend: str, runs: int, quick: bool) -> None:
     """Gray failures: gw2 lossy or slow for a while (60 s; quick: 5 s), with flows on every tunnel.
     Counts gw2's transitions (out and back) and everything the other tunnels did."""
+    from hatun.config.models import HEALTH_PROFILES
+
     seconds = (5.0 if quick else 60.0) * SLOW
     modes = GRAY_MODES[1:2] if quick else GRAY_MODES
     for _ in range(runs):
@@ -325,6 +333,8 @@ async def bench_gray(report: Report, backend: str, runs: int, quick: bool) -> No
                                               duration=seconds + 3 * SLOW, on_start=fault, linger=SLOW)
                 st = await _wait_status(hatun, lambda st: "gw2" in st["route"]["members"], 120 * SLOW, "gw2 back")
                 back_after.values.append(time.monotonic() - marks["heal"])
+                # The next fault after gw2's recovery time: sooner, a death would be flapping.
+                await trio.sleep(HEALTH_PROFILES["default"]["recover_time"] * SLOW)
                 delta = {t["name"]: {k: v - before[t["name"]].get(k, 0) for k, v in t["transitions"].items()}
                          for t in st["tunnels"]}
                 outs.values.append(delta["gw2"].get("down", 0))

@@ -72,13 +72,24 @@ def _same_file(a: str, b: str) -> bool:
     return (sa.st_dev, sa.st_ino) == (sb.st_dev, sb.st_ino)
 
 
-def proc_state(pid: int) -> str | None:
-    """PID's state letter from /proc (R, S, T for stopped, Z ...); None when it is gone or unknown."""
+def proc_state(pid: int | str) -> str | None:
+    """PID's state letter from /proc (R, S, T for stopped, Z ...); None when it is gone or unknown.
+    (A thread: "PID/task/TID".)"""
     try:
         with open(f"/proc/{pid}/stat", "rb") as f:
             return f.read().rsplit(b")", 1)[1].split()[0].decode()
     except (OSError, IndexError, UnicodeDecodeError):
         return None
+
+
+def runnable(pid: int) -> bool:
+    """Whether any thread of PID is running or waiting for a CPU (state R): busy or starved, as
+    opposed to idle (S: waiting for packets) or frozen (T)."""
+    try:
+        tids = os.listdir(f"/proc/{pid}/task")
+    except OSError:
+        return False
+    return any(proc_state(f"{pid}/task/{tid}") == "R" for tid in tids[:256])
 
 
 def _exists(pid: int) -> bool:

@@ -10,14 +10,15 @@ saturated tunnel or CPU, where moving its flows would break them at the gateways
 - traffic still arrives: the way in works, the way out is unproven. It stays in service for up to
   CONGESTION_GRACE seconds, and stays for good if any probe reply comes meanwhile (a new one, or a
   late reply to a probe that timed out). Without one, the way out is broken (a one-way failure): down.
-- nothing arrived, but much was sent into it (more than CONGESTION_TX_BYTES), or its wireguard-go is
-  runnable (a thread in state R: busy or waiting for a CPU; a frozen one is T, an idle one on a dead
-  path S): its probes may wait in a queue behind that data, or it had no CPU to move them. Up to
-  QUEUE_WAIT more for anything to arrive or any reply: then as above; else dead.
-- the same grace when nothing arrived but the tunnel answered late within the last CONGESTION_MEMORY
-  seconds: a saturated tunnel's TCP flows back off for hundreds of milliseconds after losses, so
-  nothing may arrive through it for longer than its probes wait, and its replies queue behind the
-  data. A dead path that was congested just before is found CONGESTION_GRACE later.
+- nothing arrived, but much was sent into it (more than CONGESTION_TX_BYTES), or nothing moved at all
+  while its wireguard-go is runnable (a thread in state R, waiting for a CPU; a frozen one is T, one
+  idle on a dead path S; one busy sending into a dead path moves bytes): its probes may wait in a
+  queue behind that data, or it had no CPU to move them. Up to QUEUE_WAIT more for anything to
+  arrive or any reply: then as above; else dead.
+- the same grace when nothing arrived but the guard found the tunnel busy within the last
+  CONGESTION_MEMORY seconds: a saturated tunnel's TCP flows back off for hundreds of milliseconds
+  after losses, so nothing may arrive through it for longer than its probes wait. A dead path that
+  was busy just before is found CONGESTION_GRACE later.
 
 A stale WireGuard handshake (or none) counts as a failed probe. Gray failures (loss, latency) are
 judged by `TunnelHealth` from every probe's fate; the congestion guard never keeps a degraded tunnel.
@@ -39,7 +40,7 @@ log = logging.getLogger("hatun")
 # so a few hundred bytes already mean traffic.
 CONGESTION_RX_BYTES = 256
 CONGESTION_GRACE = 2.0
-CONGESTION_MEMORY = 10.0  # a late reply this recent makes a silent tunnel "busy" rather than "dead"
+CONGESTION_MEMORY = 10.0  # found busy this recently: a silent tunnel is "busy" rather than "dead"
 # Sent into the tunnel since the failure before the last, enough to fill a queue (a saturating flow:
 # about 10 Mbit/s over that window of a few ms): nothing received yet may be a full queue, not a dead
 # path, and QUEUE_WAIT tells which. Light traffic (the benchmark's 300 packets/s) never waits.
@@ -65,7 +66,7 @@ class FailureDetector:
         self.health.confirm_failures = True
         self.congested = 0  # probe failures that traffic showed to be congestion
         self.late_replies = 0  # replies to probes that had already timed out
-        self._late_at = -CONGESTION_MEMORY  # when the last one came
+        self._busy_at = -CONGESTION_MEMORY  # when the guard last found it busy, not dead
         self._link_bytes = link_bytes
         self._spawn = spawn
         self._on_transition = on_transition
@@ -103,7 +104,6 @@ class FailureDetector:
     def on_late_reply(self, rtt: float) -> None:
         """A reply to a probe that had been missed: the path works both ways, only slowly."""
         self.late_replies += 1
-        self._late_at = trio.current_time()
         self._note_evidence()
         if self.health.suspect:
             self.health.clear_suspect()
@@ -146,6 +146,7 @@ class FailureDetector:
 
     def _congested(self, why: str) -> None:
         self.congested += 1
+        self._busy_at = trio.current_time()
         if not self._congestion_logged:
             self._congestion_logged = True
             log.info("%s: %d probes lost, but %s: congested, not down (logged once until it recovers)",
@@ -177,7 +178,7 @@ class FailureDetector:
                   self.name, self.health.fall, received, sent, baseline, now)
         if not self.health.suspect:
             return  # a reply came meanwhile
-        if received <= CONGESTION_RX_BYTES and (sent > CONGESTION_TX_BYTES or self._starved()):
+        if received <= CONGESTION_RX_BYTES and (sent > CONGESTION_TX_BYTES or not sent and self._starved()):
             # Much went in and nothing came out, or its wireguard-go waits for a CPU: its own data may
             # hold the probes and the replies in a queue, or it had no time to move them. Dead, or only
             # full? A little longer tells (or a reply comes).
@@ -191,7 +192,7 @@ class FailureDetector:
                 return
             received = _grown(baseline, await self._read_bytes())[0]
         note = ""
-        busy = started - self._late_at < CONGESTION_MEMORY
+        busy = started - self._busy_at < CONGESTION_MEMORY
         if received > CONGESTION_RX_BYTES or busy:
             self._awaiting_evidence = True
             try:
@@ -203,7 +204,7 @@ class FailureDetector:
             if not self.health.suspect:
                 return  # a reply came: congested (logged by whoever cleared it)
             why = (f"{received} bytes arrived meanwhile" if received > CONGESTION_RX_BYTES
-                   else "it was answering late just before")
+                   else "it was busy just before")
             note = (f"; {why} but no probe came back within {CONGESTION_GRACE:g} s more: the tunnel is"
                     " down, not busy")
         self._transition(self.health.confirm_down(trio.current_time(), note))

@@ -230,6 +230,9 @@ async def _bfd_window(lab: Lab, t: float) -> tuple[float, float]:
 async def bench_failover(report: Report, backend: str, runs: int, quick: bool, baseline: str | None = None) -> None:
     from hatun.config.models import HEALTH_PROFILES
 
+    if baseline == "bfd":
+        report.notes.append("failover: BIRD2 + BFD runs after hatun in each run's lab, over the same tunnels"
+                            " (hatun stopped with keep_on_exit), same flows and the same blackhole of gw2")
     for profile in ["default"] if quick else ["default", "fast"]:
         sc = f"failover/{profile}"
         window = report.figure(sc, "loss window of the failed tunnel's flows, taken together", "ms",
@@ -293,9 +296,6 @@ async def bench_failover(report: Report, backend: str, runs: int, quick: bool, b
                     b, _ = await _bfd_window(lab, t)
                     bfd_window.values.append(1000 * b)
                     ratio.values.append(w / b if b else 0.0)
-        if baseline == "bfd":
-            report.notes.append("failover: BIRD2 + BFD runs after hatun in each run's lab, over the same tunnels"
-                                " (hatun stopped with keep_on_exit), same flows and the same blackhole of gw2")
 
 
 GRAY_MODES = ("loss:10", "loss:30", "loss:60", "delay:80ms")

@@ -72,7 +72,8 @@ def cmd_check(args: argparse.Namespace) -> int:
                     "weight": t.weight,
                     "priority": t.priority,
                     "probe": str(t.probe_target),
-                    "public_key": None if args.skip_secrets else secrets.keys[t.name].public_key.base64,
+                    "public_key": None if args.skip_secrets else secrets.keys[t.name].private.public_key.base64,
+                    "preshared_key": t.preshared_key_file is not None or t.preshared_key_env is not None,
                 }
                 for t in config.tunnels
             ],
@@ -122,7 +123,7 @@ def cmd_pubkey(args: argparse.Namespace) -> int:
 
 def cmd_import(args: argparse.Namespace) -> int:
     from hatun.logs import safe_text
-    from hatun.wgquick import ImportProblem, parse_wgquick, render_config, tunnel_name_from_path, write_key_files
+    from hatun.wgquick import ImportProblem, import_config, parse_wgquick, tunnel_name_from_path, write_key_files
 
     tunnels = []
     names: set[str] = set()
@@ -145,13 +146,41 @@ def cmd_import(args: argparse.Namespace) -> int:
             raise CliError(str(e), EXIT_INVALID) from None
     key_dir = args.key_dir or os.path.dirname(os.path.abspath(args.files[0]))
     try:
-        key_files = write_key_files(tunnels, key_dir)
+        text, key_files, psk_files = import_config(tunnels, key_dir)
+    except ImportProblem as e:
+        raise CliError(f"{e}\nnothing written", EXIT_INVALID) from None
+    try:
+        write_key_files(tunnels, key_files, psk_files)
     except ImportProblem as e:
         raise CliError(str(e), EXIT_USAGE) from None
     except OSError as e:
         raise CliError(safe_text(f"{e.filename or key_dir}: {e.strerror}"), EXIT_USAGE) from None
-    sys.stdout.write(render_config(tunnels, key_files))
-    print(f"private keys written to {safe_text(', '.join(key_files.values()))} (mode 0600)", file=sys.stderr)
+    sys.stdout.write(text)
+    written = [*key_files.values(), *psk_files.values()]
+    print(f"keys written to {safe_text(', '.join(written))} (mode 0600); check the result with `hatun check`",
+          file=sys.stderr)
+    return EXIT_OK
+
+
+def cmd_gateway(args: argparse.Namespace) -> int:
+    from hatun.gateway import GatewayError, plan_gateway, render_nft, render_wg, render_wg_quick
+    from hatun.logs import safe_text
+
+    config, secrets = _load_for_run(args.config)
+    try:
+        plan = plan_gateway(config, args.tunnel, secrets.keys[args.tunnel].private.public_key
+                            if args.tunnel in secrets.keys else None)
+        command = safe_text(f"hatun gateway {args.tunnel} {args.config}"
+                            + (f" --format {args.format}" if args.format != "wg-quick" else ""))
+        if args.format == "wg":
+            text = render_wg(plan, command)
+        elif args.format == "nft":
+            text = render_nft(plan, command, args.interface)
+        else:
+            text = render_wg_quick(plan, command, args.key_file, args.psk_file)
+    except GatewayError as e:
+        raise CliError(str(e), EXIT_USAGE) from None
+    sys.stdout.write(text)
     return EXIT_OK
 
 
@@ -431,10 +460,17 @@ def _fault_mode(text: str) -> str:
         raise argparse.ArgumentTypeError(str(e)) from None
 
 
+CONFIG_HELP = "the hatun config file (TOML; `hatun check CONFIG` explains it)"
+LAB_NAME_HELP = "lab name: 1-8 lowercase letters or digits (default lab)"
+BACKEND_HELP = "WireGuard: kernel where the kernel has it (auto), or wireguard-go (userspace)"
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="hatun",
         description="Keep several WireGuard tunnels up and steer private prefixes over the healthy ones.",
+        epilog="Start with `hatun check CONFIG`; try everything on the built-in lab with `hatun lab demo`."
+               " `hatun COMMAND --help` tells more.",
     )
     p.add_argument("--version", action="version", version=f"hatun {__version__}")
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
@@ -446,7 +482,7 @@ def build_parser() -> argparse.ArgumentParser:
         return sp
 
     sp = add("check", cmd_check, "check a config file and explain every mistake in it")
-    sp.add_argument("config", metavar="CONFIG")
+    sp.add_argument("config", metavar="CONFIG", help=CONFIG_HELP)
     sp.add_argument("--json", action="store_true", help="machine-readable output")
     sp.add_argument("--skip-secrets", action="store_true",
                     help="do not read private keys (files or environment), e.g. to validate in CI without secrets")
@@ -457,13 +493,29 @@ def build_parser() -> argparse.ArgumentParser:
     add("pubkey", cmd_pubkey, "read a private key on standard input and print its public key")
 
     sp = add("import", cmd_import, "turn wg-quick configs into a hatun config (on standard output)")
-    sp.add_argument("files", nargs="+", metavar="WG_CONF")
+    sp.add_argument("files", nargs="+", metavar="WG_CONF", help="a wg-quick file (one per gateway, one [Peer] each)")
     sp.add_argument("--key-dir", metavar="DIR", help="where to write the private keys (default: beside the first file)")
 
+    sp = add("gateway", cmd_gateway, "print what a gateway needs for one tunnel of this host: a wg-quick file"
+             " (this host as its peer, the return route, forwarding, masquerading), or its parts")
+    sp.add_argument("tunnel", metavar="NAME", help="the tunnel (its name in CONFIG) whose gateway this is for")
+    sp.add_argument("config", metavar="CONFIG", help="this host's hatun config (TOML)")
+    sp.add_argument("--format", choices=("wg-quick", "wg", "nft"), default="wg-quick",
+                    help="wg-quick (default): a whole file for a dedicated interface; wg: this host as a [Peer]"
+                         " for `wg addconf` on an existing interface; nft: the masquerading for `nft -f`")
+    sp.add_argument("--key-file", default="/etc/wireguard/%i.key", metavar="PATH",
+                    help="where the gateway keeps its private key (wg-quick; %%i: the interface; default %(default)s)")
+    sp.add_argument("--psk-file", default="/etc/wireguard/%i.psk", metavar="PATH",
+                    help="where the gateway keeps the preshared key, if the tunnel has one (default %(default)s)")
+    sp.add_argument("--interface", default="wg0", metavar="IFNAME",
+                    help="the gateway's WireGuard interface (nft; default %(default)s)")
+
     sp = add("run", cmd_run, "run the supervisor in the foreground (for systemd) until SIGTERM/SIGINT")
-    sp.add_argument("config", metavar="CONFIG")
-    sp.add_argument("--log-format", choices=("human", "json"), default="human")
-    sp.add_argument("--log-level", choices=("debug", "info", "warning", "error"), default="info")
+    sp.add_argument("config", metavar="CONFIG", help=CONFIG_HELP)
+    sp.add_argument("--log-format", choices=("human", "json"), default="human",
+                    help="log lines for people (default) or one JSON object per line")
+    sp.add_argument("--log-level", choices=("debug", "info", "warning", "error"), default="info",
+                    help="least important level logged (default info)")
 
     def control_args(sp: argparse.ArgumentParser) -> None:
         g = sp.add_mutually_exclusive_group()
@@ -471,24 +523,24 @@ def build_parser() -> argparse.ArgumentParser:
         g.add_argument("--config", metavar="CONFIG", help="take the control socket path from this config")
 
     sp = add("status", cmd_status, "show every tunnel: state, RTT, loss, weight, throughput, handshake, route")
-    sp.add_argument("--json", action="store_true")
+    sp.add_argument("--json", action="store_true", help="machine-readable output")
     sp.add_argument("--watch", action="store_true", help="redraw once a second")
     sp.add_argument("--count", type=int, help=argparse.SUPPRESS)
     control_args(sp)
     for name, text in (("drain", "take a tunnel out of the route for new flows (its flows stay), for maintenance"),
                        ("undrain", "put a drained tunnel back into the route")):
         sp = add(name, cmd_drain, text)
-        sp.add_argument("tunnel", metavar="NAME")
+        sp.add_argument("tunnel", metavar="NAME", help="the tunnel's name in the config")
         control_args(sp)
     sp = add("reload", cmd_reload, "re-read the config file of a running hatun (like SIGHUP) and report the result")
     control_args(sp)
 
     sp = add("up", cmd_up, "runner mode: start hatun in the background, return once enough tunnels are healthy")
-    sp.add_argument("config", metavar="CONFIG")
+    sp.add_argument("config", metavar="CONFIG", help=CONFIG_HELP)
     sp.add_argument("--wait", type=float, default=60.0, metavar="SECONDS", help="how long to wait (default 60)")
     sp.add_argument("--min-healthy", type=int, metavar="N", help="tunnels that must be healthy (default 1)")
     sp.add_argument("--keep-on-failure", action="store_true", help="leave hatun running when the wait fails")
-    sp.add_argument("--json", action="store_true")
+    sp.add_argument("--json", action="store_true", help="machine-readable output")
     sp = add("down", cmd_down, "stop a background hatun and remove its tunnels and routes (idempotent)")
     sp.add_argument("config", metavar="CONFIG", nargs="?", help="default: the config of the hatun in /run/hatun")
 
@@ -496,15 +548,15 @@ def build_parser() -> argparse.ArgumentParser:
     lsub = lab.add_subparsers(dest="lab_command", metavar="LAB_COMMAND")
     lsub.required = True
     sp = lsub.add_parser("up", help="build the lab and write a hatun config for its runner")
-    sp.add_argument("--gateways", type=int, default=3)
-    sp.add_argument("--name", default="lab")
-    sp.add_argument("--backend", choices=("auto", "kernel", "userspace"), default="auto")
+    sp.add_argument("--gateways", type=int, default=3, help="how many gateways (default 3)")
+    sp.add_argument("--name", default="lab", help=LAB_NAME_HELP)
+    sp.add_argument("--backend", choices=("auto", "kernel", "userspace"), default="auto", help=BACKEND_HELP)
     sp.add_argument("--ipv6", action="store_true", help="IPv6 inside the tunnels and in the LAN too")
     sp = lsub.add_parser("down", help="remove the lab (also after a crash)")
-    sp.add_argument("--name", default="lab")
+    sp.add_argument("--name", default="lab", help=LAB_NAME_HELP)
     sp = lsub.add_parser("fail", help="break one gateway's path")
     sp.add_argument("gateway", metavar="GW", help="gw1, gw2, ...")
-    sp.add_argument("--name", default="lab")
+    sp.add_argument("--name", default="lab", help=LAB_NAME_HELP)
     sp.add_argument("--mode", type=_fault_mode, default="blackhole", metavar="MODE",
                     help="blackhole (default): drop all packets on its underlay link; kill: kill its WireGuard"
                          " peer; oneway: drop only the runner's packets to it; loss:N: drop N %% (0 < N <= 100)"
@@ -512,26 +564,27 @@ def build_parser() -> argparse.ArgumentParser:
                          " 1-(1-N/100)^2 (loss:30 loses 51 %%); delay:D (delay:80ms, delay:0.08s; 1ms..10s):"
                          " the round trip through its link grows by D (half each way)")
     sp = lsub.add_parser("demo", help="the lab, hatun on it, traffic, and gateways failing and healing, shown live")
-    sp.add_argument("--duration", type=float, default=60.0, metavar="SECONDS")
-    sp.add_argument("--name", default="demo")
-    sp.add_argument("--backend", choices=("auto", "kernel", "userspace"), default="auto")
+    sp.add_argument("--duration", type=float, default=60.0, metavar="SECONDS", help="how long (default 60)")
+    sp.add_argument("--name", default="demo", help="lab name (default demo)")
+    sp.add_argument("--backend", choices=("auto", "kernel", "userspace"), default="auto", help=BACKEND_HELP)
     sp = lsub.add_parser("bench", help="measure failover, gray failures, saturation, drain, restart, weights,"
                                        " throughput and scale on the lab")
     sp.add_argument("scenarios", nargs="*", metavar="SCENARIO",
                     help="failover, gray, saturation, drain, restart, weights, throughput, scale (default: all)")
     sp.add_argument("--baseline", choices=("bfd",), default=None,
                     help="bfd: the failover scenario also measures BIRD2 + BFD (50 ms x 3) over the same tunnels")
-    sp.add_argument("--runs", type=int, default=5)
+    sp.add_argument("--runs", type=int, default=5, help="repetitions per scenario (default 5)")
     sp.add_argument("--quick", action="store_true", help="small sizes: a smoke run that keeps the harness working")
-    sp.add_argument("--json", action="store_true")
-    sp.add_argument("--backend", choices=("auto", "kernel", "userspace"), default="auto")
+    sp.add_argument("--json", action="store_true", help="machine-readable output")
+    sp.add_argument("--backend", choices=("auto", "kernel", "userspace"), default="auto", help=BACKEND_HELP)
     sp.add_argument("--slow", type=float, default=1.0, metavar="FACTOR",
                     help="stretch health timings and lower packet rates (e.g. 5 on an emulated CPU)")
     sp = lsub.add_parser("heal", help="repair a failed gateway")
-    sp.add_argument("gateway", metavar="GW")
-    sp.add_argument("--name", default="lab")
+    sp.add_argument("gateway", metavar="GW", help="gw1, gw2, ...")
+    sp.add_argument("--name", default="lab", help=LAB_NAME_HELP)
 
-    sp = sub.add_parser("schema", help=argparse.SUPPRESS)
+    # Hidden (no help=, so not listed): the JSON schema of the config, for editors and CI.
+    sp = sub.add_parser("schema", description="print the JSON schema of the config file")
     sp.set_defaults(func=cmd_schema)
     return p
 

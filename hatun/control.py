@@ -219,7 +219,9 @@ def request(path: str, req: dict, timeout: float = CLIENT_TIMEOUT) -> dict:
         try:
             s.connect(path)
         except (FileNotFoundError, ConnectionRefusedError):
-            raise NotRunning(f"hatun is not running (no answer on {path})") from None
+            raise NotRunning(f"hatun is not running (no answer on {path}); start it with `hatun run CONFIG`,"
+                             " `systemctl start hatun` or `hatun up CONFIG`, or name its socket with --config"
+                             " CONFIG / --socket PATH") from None
         except PermissionError:
             raise ControlError(f"{path}: permission denied (the control socket is root's)") from None
         s.sendall(json.dumps(req).encode() + b"\n")

@@ -1,7 +1,8 @@
-"""WireGuard keys: X25519 private/public keys in WireGuard's base64 form.
+"""WireGuard keys: X25519 private/public keys and preshared keys in WireGuard's base64 form.
 
-A private key lives in a `PrivateKey`, whose repr and str never show its value, so that it cannot
-leak into a log line, an error message or status output by accident. Text that may hold a key someone
+A private key lives in a `PrivateKey` and a preshared key in a `PresharedKey`, whose repr and str
+never show their value, so that they cannot leak into a log line, an error message or status output
+by accident. Text that may hold a key someone
 pasted in the wrong place (config values, paths, names) goes through `redact` before it is shown.
 """
 
@@ -9,6 +10,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import hashlib
 import os
 import re
 import stat
@@ -127,6 +129,65 @@ class PrivateKey(_Key):
         raise TypeError("PrivateKey cannot be pickled")
 
 
+class PresharedKey(_Key):
+    """A WireGuard preshared key (32 random bytes, `wg genpsk`), mixed into the handshake of one peer
+    as a post-quantum safeguard. Secret: repr/str are redacted; compare devices by `fingerprint`."""
+
+    __slots__ = ()
+
+    @classmethod
+    def generate(cls) -> PresharedKey:
+        return cls(os.urandom(KEY_LEN))
+
+    @property
+    def fingerprint(self) -> bytes:
+        return key_fingerprint(self.raw)
+
+    def __repr__(self) -> str:
+        return "PresharedKey(<redacted>)"
+
+    def __str__(self) -> str:
+        return REDACTED
+
+    def __reduce__(self):
+        raise TypeError("PresharedKey cannot be pickled")
+
+
+# Per process: a fingerprint compares a device's preshared key with the configured one without
+# keeping the key itself, and is worthless outside this process (no table of known keys fits it).
+_FINGERPRINT_SALT = os.urandom(16)
+
+
+def key_fingerprint(raw: bytes) -> bytes:
+    """A one-way digest of secret key bytes RAW, comparable within this process only."""
+    return hashlib.blake2s(raw, key=_FINGERPRINT_SALT, digest_size=16).digest()
+
+
+class TunnelKeys:
+    """The secrets of one tunnel: this host's private key and the peer's preshared key (or None).
+
+    Equal when both keys are; never shown (repr redacted), never pickled."""
+
+    __slots__ = ("private", "preshared")
+
+    def __init__(self, private: PrivateKey, preshared: PresharedKey | None = None) -> None:
+        self.private = private
+        self.preshared = preshared
+
+    def __eq__(self, other: object) -> bool:
+        return (isinstance(other, TunnelKeys) and other.private == self.private
+                and other.preshared == self.preshared)
+
+    def __hash__(self) -> int:
+        return hash((self.private, self.preshared))
+
+    def __repr__(self) -> str:
+        return f"TunnelKeys(<redacted>{', preshared' if self.preshared else ''})"
+
+    def __reduce__(self):
+        raise TypeError("TunnelKeys cannot be pickled")
+
+
 def redact(text: str) -> str:
     """TEXT with everything that may be a WireGuard key (base64 with or without its '=', or hex)
     replaced by "<redacted>". The one redaction of hatun: problems, errors and log lines use it."""
@@ -152,6 +213,15 @@ def load_private_key_file(path: str, *, check_mode: bool = True) -> PrivateKey:
     (when `check_mode`), or does not hold a valid key. Messages never contain the key (and never a
     "path" that is a key pasted in the wrong place).
     """
+    return _load_key_file(PrivateKey, path, check_mode)
+
+
+def load_preshared_key_file(path: str, *, check_mode: bool = True) -> PresharedKey:
+    """Read a preshared key file (one base64 key, like `wg genpsk` writes); raises as `load_private_key_file`."""
+    return _load_key_file(PresharedKey, path, check_mode)
+
+
+def _load_key_file(kind, path: str, check_mode: bool):
     shown = _shown_path(path)
     try:
         st = os.stat(path)
@@ -174,13 +244,22 @@ def load_private_key_file(path: str, *, check_mode: bool = True) -> PrivateKey:
     except OSError as e:
         raise InvalidKey(f"key file {shown}: {e.strerror}") from None
     try:
-        return PrivateKey.from_base64(text)
+        return kind.from_base64(text)
     except InvalidKey as e:
         raise InvalidKey(f"key file {shown}: {e}") from None
 
 
 def load_private_key_env(name: str, environ: dict[str, str] | None = None) -> PrivateKey:
     """Read a private key from environment variable NAME. Raises InvalidKey (never showing the value)."""
+    return _load_key_env(PrivateKey, name, environ)
+
+
+def load_preshared_key_env(name: str, environ: dict[str, str] | None = None) -> PresharedKey:
+    """Read a preshared key from environment variable NAME. Raises InvalidKey (never showing the value)."""
+    return _load_key_env(PresharedKey, name, environ)
+
+
+def _load_key_env(kind, name: str, environ: dict[str, str] | None):
     env = os.environ if environ is None else environ
     shown = redact(name)
     value = env.get(name)
@@ -189,13 +268,13 @@ def load_private_key_env(name: str, environ: dict[str, str] | None = None) -> Pr
     if not value.strip():
         raise InvalidKey(f"environment variable {shown} is empty")
     try:
-        return PrivateKey.from_base64(value)
+        return kind.from_base64(value)
     except InvalidKey as e:
         raise InvalidKey(f"environment variable {shown}: {e}") from None
 
 
-def write_private_key_file(path: str, key: PrivateKey) -> None:
-    """Write KEY to PATH with mode 0600, created exclusively (never overwrites an existing file)."""
+def write_private_key_file(path: str, key: PrivateKey | PresharedKey) -> None:
+    """Write KEY (private or preshared) to PATH with mode 0600, created exclusively (never overwrites an existing file)."""
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     with os.fdopen(fd, "w", encoding="ascii") as f:
         f.write(key.base64 + "\n")

@@ -47,7 +47,7 @@ def check_summary(config, secrets, source: str, skipped_secrets: bool) -> str:
         if skipped_secrets:
             pub = "(not checked: --skip-secrets)"
         else:
-            pub = secrets.keys[t.name].public_key.base64
+            pub = secrets.keys[t.name].private.public_key.base64
         rows.append((t.name, t.ifname, safe_text(str(t.endpoint)), t.weight, t.priority, str(t.probe_target), pub))
     lines.append(f"  {len(config.tunnels)} tunnel{'s' if len(config.tunnels) != 1 else ''}"
                  " (paste each public key into its gateway's [Peer] PublicKey):")

@@ -31,6 +31,7 @@ from hatun.config import Config, Tunnel
 from hatun.counters import DeviceCounters
 from hatun.detector import FailureDetector
 from hatun.health import State, Transition, TunnelHealth, display_state
+from hatun.keys import TunnelKeys
 from hatun.netlink.core import NetlinkError, NetlinkTimeout
 from hatun.netlink.rtnl import Link, Rtnl
 from hatun.probes import ProbeEngine, ProbeStream
@@ -71,7 +72,8 @@ async def resolve_endpoint(host: str, port: int, is_dns: bool) -> tuple[tuple[st
         return None, f"cannot resolve {host}: {getattr(e, 'strerror', None) or 'timeout'}"
 
 
-def device_settings(config: Config, t: Tunnel, key, endpoint: tuple[str, int] | None, fwmark: int) -> DeviceSettings:
+def device_settings(config: Config, t: Tunnel, keys: TunnelKeys, endpoint: tuple[str, int] | None,
+                    fwmark: int) -> DeviceSettings:
     """The WireGuard device of tunnel T (pure). Allowed IPs: the steered prefixes, the tunnel subnet,
     the probe target and the tunnel's extra networks (each covering network only once)."""
     allowed = set(config.routing.prefixes) | set(t.allowed_ips) | {a.network for a in t.address}
@@ -79,8 +81,9 @@ def device_settings(config: Config, t: Tunnel, key, endpoint: tuple[str, int] | 
     allowed.add(ipaddress.ip_network(f"{probe.host}/{probe.host.max_prefixlen}"))
     allowed = {n for n in allowed if not any(o != n and o.version == n.version and n.subnet_of(o) for o in allowed)}
     peer = PeerSettings(t.peer_key, endpoint, t.keepalive or 0,
-                        tuple(sorted(allowed, key=lambda n: (n.version, n.network_address, n.prefixlen))))
-    return DeviceSettings(t.ifname, key, peer, fwmark=fwmark, listen_port=t.listen_port,
+                        tuple(sorted(allowed, key=lambda n: (n.version, n.network_address, n.prefixlen))),
+                        preshared_key=keys.preshared)
+    return DeviceSettings(t.ifname, keys.private, peer, fwmark=fwmark, listen_port=t.listen_port,
                           addresses=tuple(t.address), mtu=t.mtu)
 
 
@@ -91,7 +94,7 @@ class TunnelRunner:
         self.env = env
         self.config = config
         self.cfg = cfg
-        self.key = key  # PrivateKey
+        self.key = key  # TunnelKeys
         self.slot = slot
         h = config.health_for(cfg)
         self.detector = FailureDetector(cfg.name, h.rise, h.fall, now, link_bytes=self._link_bytes, spawn=self._spawn,

@@ -7,7 +7,7 @@ import logging
 from collections import Counter
 
 from hatun.config import Config, parse_config
-from hatun.keys import PrivateKey
+from hatun.keys import PrivateKey, TunnelKeys
 from hatun.netlink.rtnl import Link
 from hatun.serving import RateLimitedLog
 from hatun.tunnel import TunnelEnv, TunnelRunner
@@ -76,7 +76,7 @@ def make_runner(name: str = "gw1", backend=None, *, config: Config | None = None
                 now: float = 0.0, env: TunnelEnv | None = None) -> TunnelRunner:
     config = config or make_config([name])
     cfg = next(t for t in config.tunnels if t.name == name)
-    return TunnelRunner(env or make_env(backend), config, cfg, PrivateKey.generate(), slot, now)
+    return TunnelRunner(env or make_env(backend), config, cfg, TunnelKeys(PrivateKey.generate()), slot, now)
 
 
 class FakeRtnl:

@@ -222,3 +222,30 @@ def test_private_key_in_wrong_place_never_echoed(capsys, workdir, key_field):
     for argv in (("check", "s.toml"), ("check", "s.toml", "--json")):
         _, out, err = run(capsys, *argv)
         assert secret not in out + err
+
+
+def _parsers(parser, path=("hatun",)):
+    import argparse
+
+    yield path, parser
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for name, sub in action.choices.items():
+                yield from _parsers(sub, (*path, name))
+
+
+def test_every_help_is_written_for_a_newcomer(capsys):
+    """No internal marker in any --help (a hidden command once showed as `schema ==SUPPRESS==`), and
+    every argument and option of every command says what it is."""
+    from hatun.cli import build_parser
+
+    for path, parser in _parsers(build_parser()):
+        text = parser.format_help()
+        assert "SUPPRESS" not in text, path
+        for action in parser._actions:
+            if action.dest in ("help", "version") or action.help == "==SUPPRESS==":
+                continue
+            if action.__class__.__name__ == "_SubParsersAction":
+                continue
+            assert action.help, f"{' '.join(path)}: {action.option_strings or action.dest} has no help"
+    assert "schema" not in build_parser().format_help()

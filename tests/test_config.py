@@ -21,7 +21,7 @@ from hatun.config import (
     parse_probe,
 )
 from hatun.durations import format_duration, parse_duration
-from hatun.keys import PrivateKey, write_private_key_file
+from hatun.keys import PresharedKey, PrivateKey, write_private_key_file
 
 HERE = pathlib.Path(__file__).parent
 CORPUS = HERE / "configs"
@@ -40,9 +40,16 @@ def keydir(tmp_path, monkeypatch):
     monkeypatch.setenv("HATUN_TEST_GOOD", PrivateKey.generate().base64)
     monkeypatch.setenv("HATUN_TEST_BAD", "#" * 43 + "=")
     monkeypatch.delenv("HATUN_TEST_UNSET", raising=False)
+    peer = PrivateKey.generate().public_key
+    write_private_key_file(str(tmp_path / "good.psk"), PresharedKey.generate())
+    write_private_key_file(str(tmp_path / "open.psk"), PresharedKey.generate())
+    os.chmod(tmp_path / "open.psk", 0o644)
+    (tmp_path / "peer.psk").write_text(peer.base64 + "\n")
+    os.chmod(tmp_path / "peer.psk", 0o600)
+    monkeypatch.setenv("HATUN_TEST_PSK", PresharedKey.generate().base64)
     return {
         "@KEYDIR@": str(tmp_path),
-        "@PEER@": PrivateKey.generate().public_key.base64,
+        "@PEER@": peer.base64,
         "@OWNPUB@": good.public_key.base64,
         "@PRIVATE@": good.base64,
         "_good": good,

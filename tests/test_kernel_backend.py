@@ -11,7 +11,6 @@ import errno
 import ipaddress
 import logging
 import os
-import secrets
 import shutil
 import struct
 from collections.abc import Awaitable, Callable
@@ -29,7 +28,7 @@ from pyroute2.netlink.generic.wireguard import (
     wgmsg,
 )
 
-from hatun.keys import PrivateKey
+from hatun.keys import PrivateKey, key_fingerprint
 from hatun.netlink.core import NetlinkError
 from hatun.netlink.rtnl import Address, Link
 from hatun.wireguard import BackendUnavailable, kernel_has_wireguard, uapi
@@ -315,9 +314,10 @@ def test_get_reply_is_merged_and_keeps_no_secret():
         ifname="hat0", public_key=PRIV.public_key, listen_port=51820, fwmark=0x10000, peers=(
             PeerStatus(public_key=PEER, endpoint=("fd00::2", 51821), keepalive=25,
                        allowed_ips=(NET("198.18.101.0/30"), NET("fd00::/64"), NET("198.19.77.0/24")),
-                       rx_bytes=200, tx_bytes=100, last_handshake=1700000000.5),
+                       rx_bytes=200, tx_bytes=100, last_handshake=1700000000.5,
+                       preshared_key_fingerprint=key_fingerprint(PSK)),
             PeerStatus(public_key=OTHER, endpoint=None, keepalive=0, allowed_ips=(), rx_bytes=0, tx_bytes=0,
-                       last_handshake=None)))
+                       last_handshake=None, preshared_key_fingerprint=key_fingerprint(PSK))))
     assert PRIV.raw in GET_REPLY[0] and PSK in GET_REPLY[0]  # the kernel does send them...
     for thing in (status, *messages, *[getattr(status, f.name) for f in dataclasses.fields(status)]):
         # ...we never decode them
@@ -339,7 +339,7 @@ class FakePeer:
     endpoint: dict | None = None
     keepalive: int = 0
     allowed: list = field(default_factory=list)
-    psk: bytes = field(default_factory=lambda: secrets.token_bytes(32))
+    psk: bytes = bytes(32)  # a new peer has none, as in the kernel
 
 
 @dataclass
@@ -416,6 +416,8 @@ class FakeKernel:
                 continue
             if (ep := p.get_attr("WGPEER_A_ENDPOINT")) is not None:
                 peer.endpoint = {"addr": ep["addr"], "port": ep["port"]}
+            if (psk := p.get_attr("WGPEER_A_PRESHARED_KEY")) is not None:
+                peer.psk = key(psk)
             if flags & WGPEER_F_REPLACE_ALLOWEDIPS:
                 peer.allowed.clear()
             peer.allowed += [n for n in allowed_of(p) if n not in peer.allowed]

@@ -115,8 +115,8 @@ async def test_a_runner_in_the_status_shows_its_state_and_no_secret():
     from tests.fakes import make_runner
 
     runner = make_runner("gw1")
-    runner.last_error = f"apply failed: key {runner.key.base64} refused"
+    runner.last_error = f"apply failed: key {runner.key.private.base64} refused"
     t = tunnel_status(runner, "gw1", in_route=False, pinned=False)
     assert (t.name, t.interface, t.state, t.weight, t.present) == ("gw1", "hat-gw1", "init", 0, False)
-    assert runner.key.base64 not in str(Status.from_json(status(t).to_json()))
+    assert runner.key.private.base64 not in str(Status.from_json(status(t).to_json()))
     assert tunnel_status(runner, "gw1", in_route=True, pinned=True).weight == 1

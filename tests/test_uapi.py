@@ -16,7 +16,7 @@ from contextlib import asynccontextmanager, contextmanager
 import pytest
 import trio
 
-from hatun.keys import PrivateKey
+from hatun.keys import PresharedKey, PrivateKey, key_fingerprint
 from hatun.wireguard import BackendUnavailable, kernel_has_wireguard, select_backend, uapi
 from hatun.wireguard.model import DeviceSettings, DeviceStatus, DeviceTimeout, PeerSettings, PeerStatus, WireGuardError
 from hatun.wireguard.userspace import HANG_AFTER
@@ -178,6 +178,24 @@ S = settings(peer=dict(allowed_ips=(NET("198.18.101.0/30"), NET("fd00::/64"))))
 ])
 def test_diff_lines(wanted, current, lines, changed):
     assert uapi.diff_lines(wanted, current) == (lines, changed)
+
+
+PSK = PresharedKey.generate()
+
+
+def test_preshared_key_is_set_compared_by_fingerprint_and_removed():
+    with_psk = settings(peer=dict(preshared_key=PSK))
+    lines, changed = uapi.diff_lines(with_psk, status_of(settings()))
+    assert (lines, changed) == ([f"public_key={PEER.hex}", f"preshared_key={PSK.hex}"], {"preshared_key"})
+    # As wireguard-go reads it back: a fingerprint, never the key.
+    read = uapi.parse_get("hat0", [f"public_key={PEER.hex}", f"preshared_key={PSK.hex}"])
+    assert read.peer.preshared_key_fingerprint == key_fingerprint(PSK.raw)
+    assert PSK.hex not in repr(read) and PSK.base64 not in repr(read)
+    assert uapi.diff_lines(with_psk, status_of(with_psk, peer=dict(preshared_key_fingerprint=PSK.fingerprint))) == ([], set())
+    # Unset in the config: removed (all zeros), also read back as none.
+    lines, changed = uapi.diff_lines(settings(), status_of(with_psk, peer=dict(preshared_key_fingerprint=PSK.fingerprint)))
+    assert lines == [f"public_key={PEER.hex}", "preshared_key=" + "0" * 64] and changed == {"preshared_key"}
+    assert uapi.parse_get("hat0", [f"public_key={PEER.hex}", "preshared_key=" + "0" * 64]).peer.preshared_key_fingerprint is None
 
 
 def test_reset_peer_removes_and_adds_it_in_one_request():

@@ -32,7 +32,15 @@ from hatun.config.values import (
     table_range_problem,
 )
 from hatun.durations import format_duration
-from hatun.keys import InvalidKey, PrivateKey, PublicKey, load_private_key_env, load_private_key_file
+from hatun.keys import (
+    InvalidKey,
+    PublicKey,
+    TunnelKeys,
+    load_preshared_key_env,
+    load_preshared_key_file,
+    load_private_key_env,
+    load_private_key_file,
+)
 
 
 @functools.cache
@@ -99,6 +107,8 @@ class _LooseTunnel:
     key_env_given: bool
     key_file: str | None
     key_env: str | None
+    psk_file: str | None
+    psk_env: str | None
     addresses: list[Any]
     probe_given: bool
     probe: Probe | None
@@ -126,6 +136,8 @@ def _loose_tunnels(raw: dict[str, Any]) -> list[_LooseTunnel]:
             key_env_given=t.given("private_key_env"),
             key_file=t.get("private_key_file"),
             key_env=t.get("private_key_env"),
+            psk_file=t.get("preshared_key_file"),
+            psk_env=t.get("preshared_key_env"),
             addresses=[a for a in t.items("address", Interface, one_or_many=True) if a is not None],
             probe_given=t.given("probe"),
             probe=t.get("probe"),
@@ -204,6 +216,8 @@ def semantic_problems(raw: dict[str, Any]) -> list[Problem]:
                 "exactly one of private_key_file and private_key_env must be set"
                 + (" (both are)" if t.key_file_given else " (neither is)"),
             ))
+        if t.psk_file is not None and t.psk_env is not None:
+            problems.append(Problem(f"tunnels[{i}]", "at most one of preshared_key_file and preshared_key_env may be set"))
         families = [a.version for a in t.addresses]
         if not t.probe_given and t.addresses:
             first = t.addresses[0]
@@ -310,9 +324,9 @@ def _layout_problems(routing: _Table, n_tunnels: int) -> list[Problem]:
 
 @dataclass
 class Secrets:
-    """Private keys by tunnel name, loaded by `load_secrets`."""
+    """Each tunnel's keys (private, and preshared if any) by tunnel name, loaded by `load_secrets`."""
 
-    keys: dict[str, PrivateKey] = field(default_factory=dict)
+    keys: dict[str, TunnelKeys] = field(default_factory=dict)
 
 
 def secret_problems(raw: dict[str, Any], secrets: Secrets, environ: dict[str, str] | None, check_mode: bool) -> list[Problem]:
@@ -347,8 +361,26 @@ def secret_problems(raw: dict[str, Any], secrets: Secrets, environ: dict[str, st
                 f"tunnels[{i}].peer_public_key",
                 f"equals this tunnel's own public key (from {source}): paste the gateway's public key here",
             ))
+        psk = None
+        if t.psk_file is not None or t.psk_env is not None:
+            source = "preshared_key_file" if t.psk_file is not None else "preshared_key_env"
+            try:
+                if t.psk_file is not None:
+                    psk = load_preshared_key_file(t.psk_file, check_mode=check_mode)
+                else:
+                    psk = load_preshared_key_env(t.psk_env or "", environ)
+            except InvalidKey as e:
+                problems.append(Problem(f"tunnels[{i}].{source}", str(e)))
+                continue
+            if psk.raw in (key.raw, key.public_key.raw) or (t.peer_key is not None and psk.raw == t.peer_key.raw):
+                problems.append(Problem(
+                    f"tunnels[{i}].{source}",
+                    "holds a private or public key of this tunnel, not a preshared key: the gateway's config has"
+                    " the peer's PresharedKey (or make a new one with `wg genpsk` on both sides)",
+                ))
+                continue
         if t.name is not None:
-            secrets.keys[t.name] = key
+            secrets.keys[t.name] = TunnelKeys(key, psk)
     return problems
 
 

@@ -220,6 +220,10 @@ class Tunnel(_Model):
     name: TunnelName = Field(..., description="used in interface names, metric labels and the CLI")
     private_key_file: Path | None = Field(None, description="file holding this host's private key (mode 0600)")
     private_key_env: EnvName | None = Field(None, description="environment variable holding this host's private key")
+    preshared_key_file: Path | None = Field(
+        None, description="file holding the preshared key shared with this gateway (mode 0600; optional)")
+    preshared_key_env: EnvName | None = Field(
+        None, description="environment variable holding the preshared key shared with this gateway (optional)")
     address: Annotated[list[Interface], BeforeValidator(_one_or_many)] = Field(
         ..., min_length=1, description="this host's address(es) inside the tunnel, with prefix length"
     )

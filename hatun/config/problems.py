@@ -134,9 +134,9 @@ def problem_from_pydantic(err: dict[str, Any], raw: Any) -> Problem:
     if etype == "extra_forbidden":
         key = str(loc[-1]) if loc else "?"
         parent = _model_for_loc(loc[:-1])
-        if key == "private_key":
-            return Problem(where, "inline private keys are not accepted: put the key in a file (private_key_file,"
-                                  " mode 0600) or an environment variable (private_key_env)")
+        if key in ("private_key", "preshared_key"):
+            return Problem(where, f"inline {key.replace('_', ' ')}s are not accepted: put the key in a file"
+                                  f" ({key}_file, mode 0600) or an environment variable ({key}_env)")
         hint = ""
         if parent is not None:
             close = difflib.get_close_matches(key, list(parent.model_fields), n=1, cutoff=0.6)

@@ -5,8 +5,10 @@
         │       ──ulN── hl-NAME-gwN ──lan──┘
         └─ hatun runs here (config written by `lab up`), tunnels hlNAMEr1..N over ul1..N
 
-Each gateway runs a WireGuard peer configured by hatun's own backend code, forwards into the LAN
-and masquerades, so replies return through the gateway that carried the request. Only addresses of
+Each gateway runs WireGuard brought up by the real wg-quick from what `hatun gateway` prints for it
+(the runner as its peer, the return route for the source, forwarding into the LAN and masquerading,
+so replies return through the gateway that carried the request); every second tunnel has a
+preshared key. Only addresses of
 198.18.0.0/15 (and 2001:2::/48 with IPv6) are used; no namespace has a route to the outside.
 wireguard-go's UAPI socket directory is global to the machine, so every interface name carries the
 lab name and several labs can coexist.
@@ -30,9 +32,9 @@ from dataclasses import asdict, dataclass, field
 
 import trio
 
-from hatun.keys import PrivateKey, load_private_key_file, write_private_key_file
+from hatun.keys import PresharedKey, PrivateKey, load_private_key_file, write_private_key_file
 from hatun.lab import faults
-from hatun.wireguard.model import BackendUnavailable, DeviceSettings, PeerSettings, WireGuardError
+from hatun.wireguard.model import BackendUnavailable
 
 log = logging.getLogger("hatun.lab")
 
@@ -210,49 +212,47 @@ def namespace_pids(netns: str) -> list[int]:
     return pids
 
 
-def gateway_settings(lab: Lab, i: int, runner_public) -> DeviceSettings:
-    """Gateway I's WireGuard device: it accepts the runner's tunnel address and the source address."""
-    key = load_private_key_file(os.path.join(lab.dir, f"gw{i}.key"))
-    net = tunnel_net(i)
-    allowed = [ipaddress.ip_network(f"{net[2]}/32"), ipaddress.ip_network(f"{SOURCE}/32")]
-    addresses = [ipaddress.ip_interface(f"{net[1]}/30")]
-    if lab.ipv6:
-        net6 = tunnel_net(i, True)
-        allowed += [ipaddress.ip_network(f"{net6[2]}/128"), ipaddress.ip_network(f"{SOURCE6}/128")]
-        addresses.append(ipaddress.ip_interface(f"{net6[1]}/64"))
-    return DeviceSettings(lab.gw_ifname(i), key, PeerSettings(runner_public, None, 0, tuple(allowed)),
-                          listen_port=WG_PORT, addresses=tuple(addresses))
+def gateway_config_path(lab: Lab, i: int) -> str:
+    """Gateway I's wg-quick file (wg-quick names the interface after the file)."""
+    return os.path.join(lab.dir, "gateways", f"{lab.gw_ifname(i)}.conf")
 
 
-async def _with_backend(lab: Lab, netns: str, fn):
-    """Run FN(backend) with a backend (the lab's kind) working in NETNS."""
-    if lab.backend == "kernel":
-        from hatun.wireguard.kernel import open_kernel_backend
+def psk_path(lab: Lab, i: int) -> str | None:
+    """The preshared key of tunnel I: every second tunnel has one, so that each lab runs both kinds."""
+    return os.path.join(lab.dir, f"psk{i}.key") if i % 2 == 0 else None
 
-        async with open_kernel_backend(netns=netns) as backend:
-            return await fn(backend)
-    from hatun.wireguard.userspace import open_userspace_backend
 
-    async with open_userspace_backend(netns=netns, run_dir=lab.dir) as backend:
-        return await fn(backend)
+def gateway_config(lab: Lab, i: int) -> str:
+    """Gateway I's side exactly as `hatun gateway gwI CONFIG` prints it for the lab's runner config,
+    with the lab's key files: the gateways are configured from hatun's own output."""
+    from hatun.config import parse_config
+    from hatun.gateway import plan_gateway, render_wg_quick
+
+    config = parse_config(config_text(lab))
+    runner_public = load_private_key_file(os.path.join(lab.dir, f"runner{i}.key")).public_key
+    plan = plan_gateway(config, f"gw{i}", runner_public)
+    return render_wg_quick(plan, f"hatun gateway gw{i} {lab.config_path}",
+                           key_file=os.path.join(lab.dir, f"gw{i}.key"), psk_file=psk_path(lab, i) or "")
 
 
 async def _start_gateway_wireguard(lab: Lab, i: int) -> None:
-    runner_public = load_private_key_file(os.path.join(lab.dir, f"runner{i}.key")).public_key
-    settings = gateway_settings(lab, i, runner_public)
-
-    async def apply(backend):
-        await backend.apply(settings)
-
+    """Bring gateway I's WireGuard up with the real wg-quick from `gateway_config` (wireguard-go where
+    the lab is userspace). A running one is left alone; one killed by a fault is started afresh."""
+    ns, ifname = lab.gw_ns(i), lab.gw_ifname(i)
+    if (await run(["ip", "-n", ns, "link", "show", ifname], check=False)).returncode == 0:
+        return
+    path = gateway_config_path(lab, i)
+    os.makedirs(os.path.dirname(path), mode=0o700, exist_ok=True)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(gateway_config(lab, i))
+    # What a killed gateway left behind: its nftables table (PostDown never ran).
+    await run(["ip", "netns", "exec", ns, "nft", "delete", "table", "inet", f"hatun_{ifname}"], check=False)
+    env = ["WG_QUICK_USERSPACE_IMPLEMENTATION=wireguard-go"] if lab.backend == "userspace" else []
     try:
-        await _with_backend(lab, lab.gw_ns(i), apply)
-    except WireGuardError as e:
-        raise LabError(f"gateway gw{i}'s WireGuard: {e}") from None
-    # Replies to the runner's source address go back into the tunnel they came from.
-    routes = [f"route replace {SOURCE}/32 dev {lab.gw_ifname(i)}"]
-    if lab.ipv6:
-        routes.append(f"route replace {SOURCE6}/128 dev {lab.gw_ifname(i)}")
-    await _batch(lab.gw_ns(i), routes)
+        await run(["ip", "netns", "exec", ns, "env", *env, "wg-quick", "up", path])
+    except LabError as e:
+        raise LabError(f"gateway gw{i}'s WireGuard (wg-quick up {path}): {e}") from None
 
 
 def config_text(lab: Lab, health: dict[str, str] | None = None, extra_routing: dict[str, str] | None = None) -> str:
@@ -288,6 +288,7 @@ def config_text(lab: Lab, health: dict[str, str] | None = None, extra_routing: d
             f'name = "gw{i}"',
             f'interface = "{lab.runner_ifname(i)}"',
             f'private_key_file = "{lab.dir}/runner{i}.key"',
+            *([f'preshared_key_file = "{psk_path(lab, i)}"'] if psk_path(lab, i) else []),
             f"address = {json.dumps(address)}",
             f'peer_public_key = "{gw_public.base64}"',
             f'endpoint = "{underlay(i)[1].split("/")[0]}:{WG_PORT}"',
@@ -370,6 +371,9 @@ async def _build(lab: Lab) -> None:
             path = os.path.join(lab.dir, f"{who}{i}.key")
             if not os.path.exists(path):
                 write_private_key_file(path, PrivateKey.generate())
+        psk = psk_path(lab, i)
+        if psk and not os.path.exists(psk):
+            write_private_key_file(psk, PresharedKey.generate())
     for ns in lab.namespaces():
         await run(["ip", "netns", "add", ns])
     lan6 = [f"addr add {SERVICE6}/64 dev lanbr nodad"] if lab.ipv6 else []
@@ -389,15 +393,8 @@ async def _build(lab: Lab) -> None:
         gw6 = [f"addr add {LAN6[i]}/64 dev lan nodad"] if lab.ipv6 else []
         await _batch(lab.gw_ns(i), ["link set lo up", f"addr add {gw_ul} dev ul", "link set ul up",
                               f"addr add {LAN[i]}/24 dev lan", *gw6, "link set lan up"])
-        settings = {"net.ipv4.ip_forward": "1", "net.ipv4.conf.all.rp_filter": "0"}
-        if lab.ipv6:
-            settings["net.ipv6.conf.all.forwarding"] = "1"
-        await _sysctl(lab.gw_ns(i), settings)
-        # Masquerade into the LAN: replies come back to the gateway that carried the request.
-        await run(["ip", "netns", "exec", lab.gw_ns(i), "nft", "-f", "-"], input=(
-            "table inet hatunlab {\n"
-            "  chain postrouting { type nat hook postrouting priority srcnat; oifname \"lan\" masquerade; }\n"
-            "}\n"))
+        # Forwarding and masquerading come from the gateway's wg-quick file (`hatun gateway`).
+        await _sysctl(lab.gw_ns(i), {"net.ipv4.conf.all.rp_filter": "0"})
     await _batch(lab.runner, runner_cmds)
     await _batch(lab.lan, lan_ports)
     if lab.ipv6:

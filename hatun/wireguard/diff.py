@@ -3,7 +3,7 @@
 The one diff behind both backends, in the spirit of `wg syncconf`: `diff_device` compares, the
 encoders turn the result into wireguard-go's UAPI lines (`uapi.diff_lines`) or kernel genetlink
 messages (`kernel.diff_messages`). Rules: the private key is compared through its public key; the
-listen port only when one is configured; an endpoint is never removed (the protocols cannot: wanting
+listen port only when one is configured; a preshared key through its fingerprint; an endpoint is never removed (the protocols cannot: wanting
 none leaves whatever the peer roamed to); allowed IPs are replaced as a whole, and only when the set
 differs; one device has one peer, so any other peer is removed. Nothing differs: an empty diff.
 """
@@ -13,15 +13,19 @@ from __future__ import annotations
 import ipaddress
 from dataclasses import dataclass
 
-from hatun.keys import PrivateKey, PublicKey
+from hatun.keys import PresharedKey, PrivateKey, PublicKey
 from hatun.wireguard.model import DeviceSettings, DeviceStatus, IPNetwork
+
+
+# All zeros: how both WireGuard interfaces spell "no preshared key".
+NO_PRESHARED_KEY = PresharedKey(bytes(32))
 
 
 @dataclass(frozen=True)
 class DeviceDiff:
     """The changes, each None (or empty) where nothing changes. `changed` names them: private_key,
     listen_port, fwmark, peer (the wanted peer added, or another removed), endpoint, keepalive,
-    allowed_ips."""
+    allowed_ips, preshared_key."""
 
     private_key: PrivateKey | None = None
     listen_port: int | None = None
@@ -32,6 +36,8 @@ class DeviceDiff:
     keepalive: int | None = None
     allowed_ips: tuple[IPNetwork, ...] | None = None  # replace the peer's allowed IPs with these
     changed: frozenset[str] = frozenset()
+    # Set the peer's preshared key to this one (NO_PRESHARED_KEY: remove it).
+    preshared_key: PresharedKey | None = None
 
     def __bool__(self) -> bool:
         return bool(self.changed)
@@ -80,6 +86,12 @@ def diff_device(wanted: DeviceSettings, current: DeviceStatus | None, *, reset_p
     if set(want.allowed_ips) != set(have.allowed_ips if have else ()):
         allowed_ips = tuple(dict.fromkeys(want.allowed_ips))
         changed.add("allowed_ips")
-    touched = have is None or endpoint is not None or keepalive is not None or allowed_ips is not None
+    psk = None
+    want_psk = want.preshared_key.fingerprint if want.preshared_key is not None else None
+    if want_psk != (have.preshared_key_fingerprint if have else None):
+        psk = want.preshared_key or NO_PRESHARED_KEY
+        changed.add("preshared_key")
+    touched = (have is None or endpoint is not None or keepalive is not None or allowed_ips is not None
+               or psk is not None)
     return DeviceDiff(private_key, listen_port, fwmark, tuple(remove), want.public_key if touched else None,
-                      endpoint, keepalive, allowed_ips, frozenset(changed))
+                      endpoint, keepalive, allowed_ips, frozenset(changed), psk)

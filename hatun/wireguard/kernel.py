@@ -25,7 +25,7 @@ from collections.abc import AsyncIterator, Iterable, Sequence
 from contextlib import AsyncExitStack, asynccontextmanager
 
 import trio
-from pyroute2.netlink import NETLINK_GENERIC
+from pyroute2.netlink import NETLINK_GENERIC, nla
 from pyroute2.netlink.generic.wireguard import (
     WG_CMD_GET_DEVICE,
     WG_CMD_SET_DEVICE,
@@ -36,7 +36,7 @@ from pyroute2.netlink.generic.wireguard import (
     wgmsg,
 )
 
-from hatun.keys import PublicKey
+from hatun.keys import PublicKey, key_fingerprint
 from hatun.netlink.core import NetlinkError, NetlinkSocket, NetlinkTimeout, open_netlink
 from hatun.netlink.genl import FamilyNotFound, resolve_family
 from hatun.netlink.rtnl import Rtnl
@@ -82,14 +82,24 @@ def _skip_secrets(nla_map: tuple, secrets: set[str], **renamed: str) -> tuple:
 
 @_own_nla_table
 class wgreply(wgmsg):
-    """`wgmsg` for decoding replies: private and preshared keys decode as None (pyroute2's "none"),
-    so no decoded object ever holds them."""
+    """`wgmsg` for decoding replies: the private key decodes as None (pyroute2's "none") and a
+    preshared key as its fingerprint, so no decoded object ever holds them."""
 
     nla_map = _skip_secrets(wgmsg.nla_map, {"WGDEVICE_A_PRIVATE_KEY"}, WGDEVICE_A_PEERS="*peer")
 
     @_own_nla_table
     class peer(wgmsg.wgdevice_peer):
-        nla_map = _skip_secrets(wgmsg.wgdevice_peer.nla_map, {"WGPEER_A_PRESHARED_KEY"})
+        nla_map = _skip_secrets(wgmsg.wgdevice_peer.nla_map, set(), WGPEER_A_PRESHARED_KEY="psk_fingerprint")
+
+        class psk_fingerprint(nla):
+            """The preshared key, decoded straight into its fingerprint (None: no key)."""
+
+            fields = (("key", "32s"),)
+
+            def decode(self) -> None:
+                nla.decode(self)
+                raw, self["key"] = self["key"], b""
+                self["value"] = key_fingerprint(raw) if any(raw) else None
 
 
 def _message(cmd: int, ifname: str, attrs: Iterable = ()) -> wgmsg:
@@ -136,6 +146,8 @@ def diff_messages(wanted: DeviceSettings, current: DeviceStatus | None, *,
             attrs.append(("WGPEER_A_ENDPOINT", {"addr": addr, "port": d.endpoint[1]}))
         if d.keepalive is not None:
             attrs.append(("WGPEER_A_PERSISTENT_KEEPALIVE_INTERVAL", d.keepalive))
+        if d.preshared_key is not None:
+            attrs.append(("WGPEER_A_PRESHARED_KEY", d.preshared_key.base64))
         if d.allowed_ips is not None:
             ips = list(d.allowed_ips)
             chunks = [ips[i:i + ALLOWEDIPS_PER_MESSAGE] for i in range(0, len(ips), ALLOWEDIPS_PER_MESSAGE)]
@@ -158,8 +170,8 @@ def parse_device(ifname: str, replies: Sequence) -> DeviceStatus:
 
     The kernel puts the device's attributes in the first message and continues in further ones
     when the peers do not fit; a peer whose allowed IPs do not fit is repeated there (public key and
-    the remaining allowed IPs only). Private and preshared keys are not read: the device's public
-    key is the kernel's own. A last handshake of 0 (never) becomes None.
+    the remaining allowed IPs only). The private key is not read (the device's public key is the
+    kernel's own), a preshared key only as its fingerprint. A last handshake of 0 (never) becomes None.
     """
     public_key: PublicKey | None = None
     listen_port = fwmark = 0
@@ -172,7 +184,8 @@ def parse_device(ifname: str, replies: Sequence) -> DeviceStatus:
         for p in msg.get_attr("WGDEVICE_A_PEERS") or ():
             key = PublicKey(base64.b64decode(p.get_attr("WGPEER_A_PUBLIC_KEY")))
             peer = peers.setdefault(key, dict(public_key=key, endpoint=None, keepalive=0, allowed_ips=[],
-                                              rx_bytes=0, tx_bytes=0, last_handshake=None))
+                                              rx_bytes=0, tx_bytes=0, last_handshake=None,
+                                              preshared_key_fingerprint=None))
             if (ep := p.get_attr("WGPEER_A_ENDPOINT")) is not None:
                 peer["endpoint"] = (str(ipaddress.ip_address(ep["addr"])), ep["port"])
             peer["keepalive"] = p.get_attr("WGPEER_A_PERSISTENT_KEEPALIVE_INTERVAL", peer["keepalive"])
@@ -181,6 +194,8 @@ def parse_device(ifname: str, replies: Sequence) -> DeviceStatus:
             if (hs := p.get_attr("WGPEER_A_LAST_HANDSHAKE_TIME")) is not None:
                 sec, nsec = hs["tv_sec"], hs["tv_nsec"]
                 peer["last_handshake"] = sec + nsec / 1e9 if sec or nsec else None
+            if (fp := p.get_attr("WGPEER_A_PRESHARED_KEY")) is not None:
+                peer["preshared_key_fingerprint"] = fp
             peer["allowed_ips"] += [ipaddress.ip_network(a["addr"], strict=False)
                                     for a in p.get_attr("WGPEER_A_ALLOWEDIPS") or () if "addr" in a]
     return DeviceStatus(ifname=ifname, public_key=public_key, listen_port=listen_port, fwmark=fwmark,

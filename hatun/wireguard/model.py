@@ -12,7 +12,7 @@ import re
 from dataclasses import dataclass, field
 from typing import Protocol
 
-from hatun.keys import PrivateKey, PublicKey
+from hatun.keys import PresharedKey, PrivateKey, PublicKey
 
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 _IFNAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,14}")
@@ -39,6 +39,7 @@ class PeerSettings:
     endpoint: tuple[str, int] | None
     keepalive: int = 0  # persistent keepalive seconds, 0 = off
     allowed_ips: tuple[IPNetwork, ...] = ()
+    preshared_key: PresharedKey | None = None
 
 
 @dataclass(frozen=True)
@@ -61,6 +62,8 @@ class PeerStatus:
     rx_bytes: int
     tx_bytes: int
     last_handshake: float | None  # wall-clock seconds since the epoch; None: never
+    # `keys.key_fingerprint` of the peer's preshared key (None: none); the key itself is never read back.
+    preshared_key_fingerprint: bytes | None = None
 
 
 @dataclass(frozen=True)

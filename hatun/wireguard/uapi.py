@@ -22,7 +22,7 @@ from collections.abc import Sequence
 
 import trio
 
-from hatun.keys import PrivateKey, PublicKey
+from hatun.keys import PrivateKey, PublicKey, key_fingerprint
 from hatun.wireguard.model import DeviceSettings, DeviceStatus, DeviceTimeout, PeerStatus, WireGuardError
 from hatun.wireguard.diff import diff_device
 
@@ -121,7 +121,7 @@ def split_reply(data: bytes) -> tuple[list[str], int]:
 def parse_get(ifname: str, lines: Sequence[str]) -> DeviceStatus:
     """Turn the `key=value` lines of a `get=1` reply into a DeviceStatus.
 
-    The private key is replaced by its public key and preshared keys are dropped, so the result (and
+    The private key is replaced by its public key and preshared keys by fingerprints, so the result (and
     any exception raised here) never carries a secret. Unknown keys are ignored (newer versions add
     some). Raises UapiProtocolError naming the line that cannot be parsed.
     """
@@ -147,7 +147,7 @@ def parse_get(ifname: str, lines: Sequence[str]) -> DeviceStatus:
         elif key == "public_key":
             close_peer()
             peer = dict(public_key=PublicKey(_parse_key(key, value, lineno)), endpoint=None, keepalive=0,
-                        allowed_ips=[], rx_bytes=0, tx_bytes=0)
+                        allowed_ips=[], rx_bytes=0, tx_bytes=0, preshared_key_fingerprint=None)
         elif peer is None:
             if key == "listen_port":
                 listen_port = _parse_int(key, value, lineno)
@@ -171,7 +171,10 @@ def parse_get(ifname: str, lines: Sequence[str]) -> DeviceStatus:
             peer["hs_sec"] = _parse_int(key, value, lineno)
         elif key == "last_handshake_time_nsec":
             peer["hs_nsec"] = _parse_int(key, value, lineno)
-        # preshared_key, protocol_version and unknown keys are ignored on purpose
+        elif key == "preshared_key":  # kept as a fingerprint only
+            raw = _parse_key(key, value, lineno)
+            peer["preshared_key_fingerprint"] = key_fingerprint(raw) if any(raw) else None
+        # protocol_version and unknown keys are ignored on purpose
     close_peer()
     return DeviceStatus(ifname=ifname, public_key=public_key, listen_port=listen_port, fwmark=fwmark,
                         peers=tuple(peers))
@@ -206,6 +209,8 @@ def diff_lines(wanted: DeviceSettings, current: DeviceStatus | None, *,
             lines.append(f"endpoint={format_endpoint(d.endpoint)}")
         if d.keepalive is not None:
             lines.append(f"persistent_keepalive_interval={d.keepalive}")
+        if d.preshared_key is not None:
+            lines.append(f"preshared_key={d.preshared_key.hex}")
         if d.allowed_ips is not None:
             lines.append("replace_allowed_ips=true")
             lines += [f"allowed_ip={net}" for net in d.allowed_ips]

@@ -16,3 +16,4 @@ def namespaces():
 
 
 from tests.labutil import hatun_factory, lab_factory  # noqa: E402,F401  (fixtures)
+from tests.wheelhouse import wheelhouse  # noqa: E402,F401  (fixture)

@@ -40,6 +40,12 @@ def wheelhouse() -> Path:
                        capture_output=True, text=True, timeout=600)
     if r.returncode != 0:
         pytest.fail(f"pip wheel failed:\n{r.stdout}\n{r.stderr}")
+    # What building hatun from source needs (a git URL install builds it), and the pip that pipx
+    # upgrades its shared environment to, for offline installs too.
+    r = subprocess.run([sys.executable, "-m", "pip", "download", "--quiet", "--disable-pip-version-check",
+                        "--dest", str(d), "setuptools>=77", "pip"], capture_output=True, text=True, timeout=600)
+    if r.returncode != 0:
+        pytest.fail(f"pip download setuptools failed:\n{r.stdout}\n{r.stderr}")
     if not list(d.glob("hatun-*.whl")):
         pytest.fail(f"no hatun wheel in {d}: {sorted(p.name for p in d.iterdir())}")
     return d

@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import sys
 from collections.abc import Callable
 
@@ -342,6 +343,10 @@ def cmd_reload(args: argparse.Namespace) -> int:
 # ---------------------------------------------------------------- runner mode
 
 
+def _interrupted(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt
+
+
 def cmd_up(args: argparse.Namespace) -> int:
     from hatun import runner
 
@@ -351,6 +356,8 @@ def cmd_up(args: argparse.Namespace) -> int:
     min_healthy = args.min_healthy if args.min_healthy is not None else 1
     if not 1 <= min_healthy <= len(config.tunnels):
         raise CliError(f"--min-healthy must be 1..{len(config.tunnels)} (the config has {len(config.tunnels)} tunnels)")
+    # SIGTERM (a cancelled CI job) while waiting is handled as Ctrl-C: `up` stops what it started.
+    signal.signal(signal.SIGTERM, _interrupted)
     res = runner.up(config, args.config, wait=args.wait, min_healthy=min_healthy, keep_on_failure=args.keep_on_failure)
     if args.json:
         _print_json({"ok": res.ok, "message": res.message, "pid": res.pid, "tunnels": res.diagnoses})

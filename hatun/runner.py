@@ -9,6 +9,7 @@ environment variables (CI secrets): the child inherits the environment.
 from __future__ import annotations
 
 import os
+import stat
 import subprocess
 import sys
 import time
@@ -81,17 +82,22 @@ def up(config: Config, config_path: str, *, wait: float, min_healthy: int, keep_
         pid = proc.pid
     deadline = time.monotonic() + wait
     status = None
-    while True:
-        if proc is not None and proc.poll() is not None:
-            return UpResult(False, None, {}, f"hatun exited with status {proc.returncode}:\n{_log_tail(config)}", pid)
-        status = _status(sock) or status
-        if status is not None:
-            if status.healthy >= min_healthy and status.in_service:
-                return UpResult(True, status, {t.name: diagnose(t) for t in status.tunnels},
-                                f"{status.healthy} of {len(status.tunnels)} tunnels healthy", status.pid)
-        if time.monotonic() >= deadline:
-            break
-        time.sleep(POLL)
+    try:
+        while True:
+            if proc is not None and proc.poll() is not None:
+                return UpResult(False, None, {}, f"hatun exited with status {proc.returncode}:\n{_log_tail(config)}", pid)
+            status = _status(sock) or status
+            if status is not None:
+                if status.healthy >= min_healthy and status.in_service:
+                    return UpResult(True, status, {t.name: diagnose(t) for t in status.tunnels},
+                                    f"{status.healthy} of {len(status.tunnels)} tunnels healthy", status.pid)
+            if time.monotonic() >= deadline:
+                break
+            time.sleep(POLL)
+    except KeyboardInterrupt:  # Ctrl-C or SIGTERM while waiting: as a failed wait, nothing half up is left
+        if not keep_on_failure:
+            down(config)
+        raise
     diagnoses = {t.name: diagnose(t) for t in status.tunnels} if status else {}
     message = (f"fewer than {min_healthy} tunnels healthy after {wait:g} s" if status
                else f"hatun did not answer on {sock} within {wait:g} s:\n{_log_tail(config)}")
@@ -131,6 +137,13 @@ def down(config: Config, timeout: float = 30.0) -> tuple[bool, list[str]]:
         time.sleep(POLL)
     _wait_unlocked(config, deadline)
     removed = trio.run(cleanup, config)
+    # A hatun killed with SIGKILL leaves its control socket; nothing answers there any more.
+    try:
+        if stat.S_ISSOCK(os.lstat(sock).st_mode) and _status(sock) is None and not RunDir(config.run_dir).is_locked():
+            os.unlink(sock)
+            removed.append(f"control socket {sock}")
+    except OSError:
+        pass
     return was_running, removed
 
 

@@ -190,6 +190,43 @@ def test_runner_mode_up_and_down(lab_factory):
     assert hatun_leftovers(lab) == []
 
 
+def test_down_after_a_killed_hatun_and_an_interrupted_up_leave_nothing(lab_factory):
+    """kill -9 of the background hatun, then `down`: its stale control socket goes too. SIGTERM to
+    `up` while it waits (a cancelled CI job): it stops what it started."""
+    import subprocess
+    import sys
+
+    lab = lab_factory(2)
+    res = hatun_cli(lab.runner, "up", lab.config_path, "--wait", "20", "--json")
+    assert res.returncode == 0, res.stdout + res.stderr
+    os.kill(json.loads(res.stdout)["pid"], signal.SIGKILL)
+    res = hatun_cli(lab.runner, "down", lab.config_path)
+    assert res.returncode == 0, res.stderr
+    assert f"control socket {lab.control_socket}" in res.stdout
+    assert hatun_leftovers(lab) == []
+
+    # Neither gateway answers: `up` waits (up to 120 s) until it is told to stop.
+    for gw in ("gw1", "gw2"):
+        trio.run(topology.lab_fail, lab.name, gw, "blackhole")
+    up = subprocess.Popen(["ip", "netns", "exec", lab.runner, sys.executable, "-m", "hatun", "up", lab.config_path,
+                           "--wait", "120"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        for _ in range(300):  # bounded: until the background hatun answers on its socket
+            if hatun_cli(None, "status", "--socket", lab.control_socket, timeout=10).returncode == 0:
+                break
+            time.sleep(0.1)
+        else:
+            pytest.fail("the background hatun never answered")
+        up.send_signal(signal.SIGTERM)
+        out, err = up.communicate(timeout=60)
+    finally:
+        if up.poll() is None:
+            up.kill()
+            up.wait(timeout=10)
+    assert up.returncode == 130, out + err
+    assert hatun_leftovers(lab) == []
+
+
 def test_runner_mode_diagnoses(lab_factory):
     lab = lab_factory(2)
     # gw1: the gateway does not know this key (no handshake); gw2: handshake, but the probe target

@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 import re
 import sys
 import time
@@ -53,14 +54,48 @@ def _block(text: str) -> list[str]:
 
 
 class HumanFormatter(logging.Formatter):
+    """One line per record (plus escaped continuation lines for a traceback), time stamp first."""
+
     def format(self, record: logging.LogRecord) -> str:
         ts = time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(record.created)) + f".{int(record.msecs):03d}"
-        lines = [f"{ts} {record.levelname:<7} {safe_text(record.getMessage())}"]
+        return "\n".join(f"{ts} {line}" if i == 0 else line for i, line in enumerate(self.lines(record)))
+
+    def lines(self, record: logging.LogRecord) -> list[str]:
+        lines = [f"{record.levelname:<7} {safe_text(record.getMessage())}"]
         if record.exc_info:
             lines += [_CONTINUATION + line for line in _block(self.formatException(record.exc_info))]
         if record.stack_info:
             lines += [_CONTINUATION + line for line in _block(self.formatStack(record.stack_info))]
-        return "\n".join(lines)
+        return lines
+
+
+# journald reads a "<N>" prefix on a line of a service's stdout/stderr as that line's syslog priority
+# (SyslogLevelPrefix=, on by default); without one every line is stored as info.
+_PRIORITIES = ((logging.CRITICAL, 2), (logging.ERROR, 3), (logging.WARNING, 4), (logging.INFO, 6))
+
+
+def syslog_priority(levelno: int) -> int:
+    """The syslog priority of a logging level (debug and below: 7)."""
+    return next((p for level, p in _PRIORITIES if levelno >= level), 7)
+
+
+class JournalFormatter(HumanFormatter):
+    """The human lines for a stderr that is systemd's journal: each line (a traceback's too) starts
+    with the record's syslog priority, and none carries a time stamp (the journal has its own)."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        prefix = f"<{syslog_priority(record.levelno)}>"
+        return "\n".join(prefix + line for line in self.lines(record))
+
+
+def journal_stream(stream: Any = None) -> bool:
+    """Whether STREAM (default: stderr) is systemd's journal: $JOURNAL_STREAM names its device and inode."""
+    try:
+        dev, ino = (int(x) for x in os.environ.get("JOURNAL_STREAM", "").split(":"))
+        st = os.fstat((stream or sys.stderr).fileno())
+    except (ValueError, OSError):
+        return False
+    return (st.st_dev, st.st_ino) == (dev, ino)
 
 
 def _json_value(value: Any, depth: int = 0) -> Any:
@@ -106,7 +141,11 @@ class JsonFormatter(logging.Formatter):
 def setup(fmt: str = "human", level: str = "info") -> None:
     """Send hatun's logs to stderr in FMT ("human" or "json") at LEVEL."""
     handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(JsonFormatter() if fmt == "json" else HumanFormatter())
+    if fmt == "json":
+        formatter: logging.Formatter = JsonFormatter()
+    else:  # under systemd, human lines carry their priority instead of a time stamp
+        formatter = JournalFormatter() if journal_stream() else HumanFormatter()
+    handler.setFormatter(formatter)
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(logging.WARNING)

@@ -48,6 +48,7 @@ log = logging.getLogger("hatun")
 
 STATS_INTERVAL = 30.0  # counters and handshake ages in the background; status and scrapes read fresh ones
 TEARDOWN_GRACE = 10.0
+STATUS_NOTIFY_INTERVAL = 1.0  # systemd's STATUS= follows the tunnels in service this closely
 STATUS_DEADLINE = 2.0  # refreshing every tunnel's counters for a status or a scrape, at most
 TASK_BACKOFF_MAX = 10.0  # a failing supervisor task is restarted at least this often
 
@@ -334,9 +335,19 @@ class Supervisor:
         self.ready.set()
         from hatun.notify import sd_notify
 
-        up = sum(t.health.health is State.UP for t in self.tunnels.values())
-        sd_notify(f"READY=1\nSTATUS={up}/{len(self.tunnels)} tunnels in service")
-        log.info("ready: %d of %d tunnels in service", up, len(self.tunnels))
+        def in_service() -> tuple[int, int]:
+            return sum(t.health.health is State.UP for t in self.tunnels.values()), len(self.tunnels)
+
+        shown = in_service()
+        sd_notify(f"READY=1\nSTATUS={shown[0]}/{shown[1]} tunnels in service")
+        log.info("ready: %d of %d tunnels in service", *shown)
+        # `systemctl status` shows the last STATUS=: keep it current (looked at every second, sent on change).
+        while True:
+            await trio.sleep(STATUS_NOTIFY_INTERVAL)
+            now = in_service()
+            if now != shown:
+                sd_notify(f"STATUS={now[0]}/{now[1]} tunnels in service")
+                shown = now
 
     async def _serve_events(self, events) -> None:
         """Netlink notifications: our devices coming and going; drift of our objects."""

@@ -12,9 +12,12 @@ fi
 # wireguard-go: user-space WireGuard for kernels without the module; wireguard-tools (wg) is only
 # used by tests to cross-check; prometheus brings promtool and the server the metrics tests use;
 # bird2 is the BFD baseline of the failover benchmark; iptables adds the NFQUEUE target that the lab's
-# delay fault uses (this kernel's nftables has no queue expression).
+# delay fault uses (this kernel's nftables has no queue expression). systemd-container (systemd-nspawn,
+# and systemd itself) boots the systemd that tests/test_systemd.py runs hatun's unit under, in which
+# hatun is installed as users do: a venv made by Debian's python3 (python3-venv). nodejs runs the
+# GitHub Action's steps in tests/test_action.py.
 PACKAGES=(iproute2 nftables iputils-ping wireguard-go wireguard-tools iperf3 prometheus procps ca-certificates
-  bird2 iptables)
+  bird2 iptables systemd-container python3-venv nodejs)
 missing=()
 for p in "${PACKAGES[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "ok installed" || missing+=("$p")

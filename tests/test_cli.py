@@ -249,3 +249,24 @@ def test_every_help_is_written_for_a_newcomer(capsys):
                 continue
             assert action.help, f"{' '.join(path)}: {action.option_strings or action.dest} has no help"
     assert "schema" not in build_parser().format_help()
+
+
+def test_journal_lines_carry_their_priority_and_no_time_stamp():
+    """Under systemd ($JOURNAL_STREAM names stderr) each line starts with its syslog priority, so
+    `journalctl -p warning` finds hatun's warnings; a key in the message is still redacted."""
+    import logging
+
+    from hatun.logs import JournalFormatter, journal_stream
+
+    key = ALICE.public_key.base64
+    rec = logging.LogRecord("hatun", logging.WARNING, __file__, 1, "gw2 down %s", (key,), None)
+    assert JournalFormatter().format(rec) == "<4>WARNING gw2 down <redacted>"
+    try:
+        raise ValueError("boom\nforged line")
+    except ValueError:
+        import sys
+
+        rec = logging.LogRecord("hatun", logging.ERROR, __file__, 1, "failed", (), sys.exc_info())
+    lines = JournalFormatter().format(rec).split("\n")
+    assert all(line.startswith("<3>") for line in lines) and len(lines) > 2
+    assert not journal_stream()  # pytest's stderr is not the journal

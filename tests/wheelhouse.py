@@ -11,7 +11,6 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-import tempfile
 from pathlib import Path
 
 import pytest
@@ -32,9 +31,10 @@ def system_python_or_skip() -> str:
 
 
 @pytest.fixture(scope="session")
-def wheelhouse() -> Path:
-    """Wheels of hatun (built from this checkout) and of everything it needs at run time."""
-    d = Path(tempfile.mkdtemp(prefix="hatun-wheels-"))
+def wheelhouse(tmp_path_factory) -> Path:
+    """Wheels of hatun (built from this checkout) and of everything it needs at run time (in pytest's
+    temporary directory, which keeps only the last few runs)."""
+    d = tmp_path_factory.mktemp("wheels")
     r = subprocess.run([sys.executable, "-m", "pip", "wheel", "--quiet", "--disable-pip-version-check",
                         "--wheel-dir", str(d), str(ROOT)],
                        capture_output=True, text=True, timeout=600)

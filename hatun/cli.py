@@ -41,6 +41,8 @@ def cmd_check(args: argparse.Namespace) -> int:
 
     # Whatever came from the config (or its path) is shown redacted and on one line.
     shown = safe_text(args.config)
+    if _is_gateway_file(args.config):
+        return _check_gateway(args, shown)
     try:
         config, secrets = load_config(args.config, skip_secrets=args.skip_secrets)
     except ConfigUnreadable as e:
@@ -48,14 +50,7 @@ def cmd_check(args: argparse.Namespace) -> int:
             _print_json({"file": shown, "valid": False, "error": str(e)})
         raise CliError(str(e), EXIT_USAGE) from None
     except ConfigError as e:
-        if args.json:
-            _print_json({"file": shown, "valid": False, "problems": [p.to_dict() for p in e.problems]})
-        else:
-            for p in e.problems:
-                print(str(p))
-            n = len(e.problems)
-            print(f"{shown}: {n} problem{'s' if n != 1 else ''}", file=sys.stderr)
-        return EXIT_INVALID
+        return _print_problems(args, shown, e)
     warnings = [safe_text(w) for w in config_warnings(config)]
     if args.json:
         _print_json({
@@ -83,6 +78,82 @@ def cmd_check(args: argparse.Namespace) -> int:
         print(check_summary(config, secrets, shown, args.skip_secrets))
         for w in warnings:
             print(f"warning: {w}")
+    return EXIT_OK
+
+
+def _print_problems(args: argparse.Namespace, shown: str, e) -> int:
+    """`hatun check`'s report of an invalid file (ConfigError E): exit 1."""
+    if args.json:
+        _print_json({"file": shown, "valid": False, "problems": [p.to_dict() for p in e.problems]})
+    else:
+        for p in e.problems:
+            print(str(p))
+        n = len(e.problems)
+        print(f"{shown}: {n} problem{'s' if n != 1 else ''}", file=sys.stderr)
+    return EXIT_INVALID
+
+
+def _is_gateway_file(path: str) -> bool:
+    import tomllib
+
+    from hatun.config import is_gateway_file
+
+    try:
+        with open(path, "rb") as f:
+            return is_gateway_file(tomllib.loads(f.read(4 * 1024 * 1024).decode("utf-8", errors="replace")))
+    except (OSError, ValueError, RecursionError):
+        return False  # the host check reports what is wrong with it
+
+
+def _load_gateway(path: str):
+    from hatun.config import load_gateway_config
+
+    return _load_for_run(path, load_gateway_config)
+
+
+def _check_gateway(args: argparse.Namespace, shown: str) -> int:
+    """`hatun check` of a gateway's file ([enroll])."""
+    from hatun.config import ConfigError, ConfigUnreadable, load_gateway_config
+    from hatun.logs import safe_text
+
+    try:
+        g = load_gateway_config(args.config).enroll
+    except ConfigUnreadable as e:
+        raise CliError(str(e), EXIT_USAGE) from None
+    except ConfigError as e:
+        return _print_problems(args, shown, e)
+    summary = {"file": shown, "valid": True, "kind": "gateway", "listen": g.listen, "https": g.tls_cert is not None,
+               "issuer": g.issuer, "audience": g.audience, "interface": g.interface, "endpoint": str(g.endpoint),
+               "pool": str(g.pool), "addresses": len(g.pool_hosts()), "max_ttl_seconds": g.max_ttl,
+               "allow": g.allow}
+    if args.json:
+        _print_json(summary)
+    else:
+        print(f"{shown}: valid (a gateway's enrollment service)")
+        print(safe_text(f"  {'https' if g.tls_cert else 'http (loopback)'} on {g.listen}; tokens of {g.issuer} for"
+                        f" audience {g.audience!r}; device {g.interface}, runners dial {g.endpoint}"))
+        from hatun.durations import format_duration
+
+        print(f"  pool {g.pool} ({len(g.pool_hosts())} addresses), peers expire after at most"
+              f" {format_duration(g.max_ttl)}")
+        for rule in g.allow:
+            print("  allow: " + ", ".join(f"{k} = {safe_text(v)}" for k, v in rule.items()))
+    return EXIT_OK
+
+
+def cmd_enroll_serve(args: argparse.Namespace) -> int:
+    import trio
+
+    from hatun import logs
+    from hatun.enroll.server import serve
+    from hatun.wireguard.model import WireGuardError
+
+    config = _load_gateway(args.config).enroll
+    logs.setup(args.log_format, args.log_level)
+    try:
+        trio.run(serve, config)
+    except (OSError, WireGuardError) as e:
+        raise CliError(f"enrollment service: {e}", EXIT_USAGE) from None
     return EXIT_OK
 
 
@@ -195,11 +266,12 @@ def cmd_schema(args: argparse.Namespace) -> int:
 # ---------------------------------------------------------------- run
 
 
-def _load_for_run(path: str):
+def _load_for_run(path: str, load=None):
+    """LOAD(PATH) (default: a host's config and its secrets), its failures as CLI errors."""
     from hatun.config import ConfigError, ConfigUnreadable, load_config
 
     try:
-        return load_config(path)
+        return (load or load_config)(path)
     except ConfigUnreadable as e:
         raise CliError(str(e), EXIT_USAGE) from None
     except ConfigError as e:
@@ -516,6 +588,19 @@ def build_parser() -> argparse.ArgumentParser:
                     help="where the gateway keeps the preshared key, if the tunnel has one (default %(default)s)")
     sp.add_argument("--interface", default="wg0", metavar="IFNAME",
                     help="the gateway's WireGuard interface (nft; default %(default)s)")
+
+    help_text = "keyless CI runners: a gateway's enrollment service for GitHub OIDC tokens"
+    enroll = sub.add_parser("enroll", help=help_text, description=help_text)
+    esub = enroll.add_subparsers(dest="enroll_command", metavar="ENROLL_COMMAND")
+    esub.required = True
+    sp = esub.add_parser("serve", help="serve enrollments for this gateway's WireGuard device until SIGTERM",
+                         description="serve enrollments for this gateway's WireGuard device until SIGTERM")
+    sp.set_defaults(func=cmd_enroll_serve)
+    sp.add_argument("config", metavar="CONFIG", help="the gateway's file with [enroll] (`hatun check` explains it)")
+    sp.add_argument("--log-format", choices=("human", "json"), default="human",
+                    help="log lines for people (default) or one JSON object per line")
+    sp.add_argument("--log-level", choices=("debug", "info", "warning", "error"), default="info",
+                    help="least important level logged (default info)")
 
     sp = add("run", cmd_run, "run the supervisor in the foreground (for systemd) until SIGTERM/SIGINT")
     sp.add_argument("config", metavar="CONFIG", help=CONFIG_HELP)

@@ -68,16 +68,20 @@ def _read_toml(text: str) -> dict[str, Any]:
         raise ConfigError([Problem("", "TOML: arrays or tables nested too deeply")]) from None
 
 
-def _structural_problems(raw: dict[str, Any]) -> tuple[Config | None, list[Problem]]:
+def _pydantic_problems(e: ValidationError, raw: dict[str, Any]) -> list[Problem]:
     problems: list[Problem] = []
+    for err in e.errors(include_url=False):
+        p = problem_from_pydantic(err, raw)
+        if p not in problems:
+            problems.append(p)
+    return problems
+
+
+def _structural_problems(raw: dict[str, Any]) -> tuple[Config | None, list[Problem]]:
     try:
         return Config.model_validate(raw), semantic_problems(raw)
     except ValidationError as e:
-        for err in e.errors(include_url=False):
-            p = problem_from_pydantic(err, raw)
-            if p not in problems:
-                problems.append(p)
-    return None, problems + semantic_problems(raw)
+        return None, _pydantic_problems(e, raw) + semantic_problems(raw)
 
 
 def parse_config(text: str) -> Config:
@@ -140,6 +144,16 @@ def read_config_text(path: str) -> str:
         raise ConfigUnreadable(f"{path}: not UTF-8 text (byte {e.start})") from None
 
 
+def _read_document(path: str) -> dict[str, Any]:
+    """The TOML document at PATH. Raises ConfigUnreadable or ConfigError (naming PATH)."""
+    text = read_config_text(path)
+    try:
+        return _read_toml(text)
+    except ConfigError as e:
+        e.source = path
+        raise
+
+
 def load_config(path: str, *, skip_secrets: bool = False, environ: dict[str, str] | None = None) -> tuple[Config, Secrets]:
     """Read, parse and check PATH, load the private keys (unless SKIP_SECRETS) and check the host's
     files at the config's paths (a control socket path taken by a file).
@@ -147,12 +161,7 @@ def load_config(path: str, *, skip_secrets: bool = False, environ: dict[str, str
     Raises ConfigUnreadable (file cannot be read) or ConfigError (every problem, structural,
     semantic, secrets and host, together).
     """
-    text = read_config_text(path)
-    try:
-        raw = _read_toml(text)
-    except ConfigError as e:
-        e.source = path
-        raise
+    raw = _read_document(path)
     secrets = Secrets()
     config, problems = _structural_problems(raw)
     if not skip_secrets:
@@ -162,6 +171,25 @@ def load_config(path: str, *, skip_secrets: bool = False, environ: dict[str, str
         raise ConfigError(_in_file_order(problems, raw), path)
     assert config is not None
     return config, secrets
+
+
+def is_gateway_file(raw: dict[str, Any]) -> bool:
+    """A gateway's file (`[enroll]`, for `hatun enroll serve`) rather than a host's config."""
+    return isinstance(raw, dict) and "enroll" in raw and "tunnels" not in raw
+
+
+def load_gateway_config(path: str):
+    """Read and check a gateway's file (`[enroll]` and its allow rules): a `GatewayConfig`.
+
+    Raises ConfigUnreadable or ConfigError (every problem), as `load_config`.
+    """
+    from hatun.enroll.models import GatewayConfig
+
+    raw = _read_document(path)
+    try:
+        return GatewayConfig.model_validate(raw)
+    except ValidationError as e:
+        raise ConfigError(_pydantic_problems(e, raw), path) from None
 
 
 def json_schema() -> dict[str, Any]:
@@ -180,7 +208,7 @@ def environ_keys_used(config: Config) -> list[str]:
 __all__ = [
     "Config", "ConfigError", "ConfigUnreadable", "Control", "Endpoint", "Health", "HealthOverrides", "Metrics",
     "Problem", "Probe", "Routing", "Secrets", "Tunnel", "config_warnings", "default_peer_address",
-    "environ_keys_used", "interface_name_problem", "json_schema", "load_config", "load_secrets", "parse_config",
+    "environ_keys_used", "interface_name_problem", "is_gateway_file", "load_gateway_config", "json_schema", "load_config", "load_secrets", "parse_config",
     "parse_endpoint", "parse_probe", "read_config_text", "redact_keys", "source_address_problem",
     "DEFAULT_INTERFACE_PREFIX", "DNS_LABEL_RE", "IFNAME_RE", "IFNAMSIZ", "NAME_RE",
 ]

@@ -298,6 +298,31 @@ class KernelBackend:
         """How many times this backend has created IFNAME (0: never, or only adopted)."""
         return self._generations.get(ifname, 0)
 
+    async def set_peer(self, ifname: str, key: PublicKey, allowed_ips: Sequence[IPNetwork] = (), *,
+                       remove: bool = False) -> None:
+        """Add (or update) peer KEY of a device that has several, with exactly ALLOWED_IPS, or REMOVE
+        it; the device's other peers are not touched (a gateway's device, not one of hatun's own).
+        Raises WireGuardError as `apply`."""
+        check_ifname(ifname)
+        attrs: list = [("WGPEER_A_PUBLIC_KEY", key.base64)]
+        if remove:
+            attrs.append(("WGPEER_A_FLAGS", WGPEER_F_REMOVE_ME))
+        else:
+            attrs += [("WGPEER_A_FLAGS", WGPEER_F_REPLACE_ALLOWEDIPS), ("WGPEER_A_ALLOWEDIPS", _allowed_ips(allowed_ips))]
+        msg = _message(WG_CMD_SET_DEVICE, ifname, [("WGDEVICE_A_PEERS", [{"attrs": attrs}])])
+        what = f"{ifname}: {'remove' if remove else 'set'} peer {key.base64}"
+        async with self._locks[ifname]:
+            await self._send(msg, what)
+
+    async def _send(self, msg: wgmsg, what: str) -> None:
+        """One WG_CMD_SET_DEVICE request; the kernel's refusal as WireGuardError (DeviceTimeout)."""
+        try:
+            await self._genl.request(msg, self._family, what=what)
+        except NetlinkTimeout as exc:
+            raise DeviceTimeout(str(exc)) from exc
+        except link.NETLINK_FAILURES as exc:
+            raise WireGuardError(str(exc) if isinstance(exc, NetlinkError) else f"{what}: {link.describe(exc)}") from exc
+
     def pid(self, ifname: str) -> int | None:
         """Always None: no process runs a kernel device (for symmetry with the userspace backend)."""
         return None
@@ -309,12 +334,7 @@ class KernelBackend:
         messages, changed = diff_messages(settings, await self._read(ifname), reset_peer=reset_peer)
         what = f"{ifname}: set WireGuard {', '.join(sorted(changed))}"
         for msg in messages:
-            try:
-                await self._genl.request(msg, self._family, what=what)
-            except NetlinkTimeout as exc:
-                raise DeviceTimeout(str(exc)) from exc
-            except link.NETLINK_FAILURES as exc:
-                raise WireGuardError(str(exc) if isinstance(exc, NetlinkError) else f"{what}: {link.describe(exc)}") from exc
+            await self._send(msg, what)
         # After the WireGuard part, so that the device has its key and peer when it comes up.
         return changed | await link.configure_link(self._rtnl, ifname, addresses=settings.addresses,
                                                    mtu=settings.mtu, up=True)

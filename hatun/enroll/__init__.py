@@ -1,0 +1,1 @@
+"""Keyless CI runners: WireGuard peers enrolled with an OIDC token (issue 16)."""

@@ -39,7 +39,7 @@ def test_wheel_and_sdist_hold_hatun(dist):
     sdist = next(dist.glob("hatun-*.tar.gz"))
     names = zipfile.ZipFile(wheel).namelist()
     for module in ("hatun/cli.py", "hatun/gateway.py", "hatun/lab/topology.py", "hatun/wireguard/kernel.py",
-                   "hatun/netlink/rtnl.py", "hatun/config/models.py"):
+                   "hatun/netlink/rtnl.py", "hatun/config/models.py", "hatun/enroll/server.py"):
         assert module in names
     assert not any(n.startswith("tests/") for n in names)
     entry_points = next(n for n in names if n.endswith("entry_points.txt"))

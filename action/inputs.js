@@ -84,10 +84,10 @@ function parseConfig(text, workspace) {
   return { value: { inline: false, path: path.resolve(workspace || process.cwd(), text) } };
 }
 
-/** Names the config text reads keys from (private_key_env = "NAME"). */
+/** Names the config text reads keys from (private_key_env / preshared_key_env = "NAME"). */
 function keyEnvNames(configText) {
   const names = [];
-  const re = /^\s*private_key_env\s*=\s*["']([^"']*)["']/gm;
+  const re = /^\s*(?:private|preshared)_key_env\s*=\s*["']([^"']*)["']/gm;
   let m;
   while ((m = re.exec(configText)) !== null) names.push(m[1]);
   return names;

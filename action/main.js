@@ -125,7 +125,7 @@ function checkInputs() {
     }
   }
   if (missing.length) {
-    inputs.problems.push(`secrets: the config reads private_key_env ${missing.map((n) => `"${n}"`).join(', ')}, which`
+    inputs.problems.push(`secrets: the config reads private_key_env / preshared_key_env ${missing.map((n) => `"${n}"`).join(', ')}, which`
       + ' the secrets input does not give (add a line NAME=${{ secrets.NAME }} for each)');
   }
   if (inputs.problems.length) {
@@ -133,7 +133,7 @@ function checkInputs() {
     return null;
   }
   for (const name of inputs.secrets.names) {
-    if (!(name in keyEnv)) gh.warning(`secrets: ${name} is not used by the config (no private_key_env = "${name}"); it is not passed to hatun`);
+    if (!(name in keyEnv)) gh.warning(`secrets: ${name} is not used by the config (no private_key_env or preshared_key_env = "${name}"); it is not passed to hatun`);
   }
   const env = hatun.childEnv(Object.values(keyEnv).concat(Object.values(inputs.secrets.env)));
   return { inputs, configText, configPath, keyEnv, env };

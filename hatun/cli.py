@@ -193,6 +193,9 @@ def cmd_pubkey(args: argparse.Namespace) -> int:
 # ---------------------------------------------------------------- import
 
 
+IMPORT_MAX_CHARS = 1024 * 1024
+
+
 def cmd_import(args: argparse.Namespace) -> int:
     from hatun.logs import safe_text
     from hatun.wgquick import ImportProblem, import_config, parse_wgquick, tunnel_name_from_path, write_key_files
@@ -202,7 +205,9 @@ def cmd_import(args: argparse.Namespace) -> int:
     for path in args.files:
         try:
             with open(path, encoding="utf-8", errors="replace") as f:
-                text = f.read(1024 * 1024)
+                text = f.read(IMPORT_MAX_CHARS + 1)
+            if len(text) > IMPORT_MAX_CHARS:
+                raise CliError(f"{safe_text(path)}: larger than 1 MiB, not a wg-quick file", EXIT_INVALID)
         except OSError as e:
             raise CliError(f"{safe_text(path)}: {e.strerror}", EXIT_USAGE) from None
         except ValueError:  # a NUL in the path
@@ -229,8 +234,8 @@ def cmd_import(args: argparse.Namespace) -> int:
         raise CliError(safe_text(f"{e.filename or key_dir}: {e.strerror}"), EXIT_USAGE) from None
     sys.stdout.write(text)
     written = [*key_files.values(), *psk_files.values()]
-    print(f"keys written to {safe_text(', '.join(written))} (mode 0600); check the result with `hatun check`",
-          file=sys.stderr)
+    print(f"keys in {safe_text(', '.join(written))} (mode 0600, written or reused); check the result with"
+          " `hatun check`", file=sys.stderr)
     return EXIT_OK
 
 
@@ -430,7 +435,13 @@ def cmd_up(args: argparse.Namespace) -> int:
         raise CliError(f"--min-healthy must be 1..{len(config.tunnels)} (the config has {len(config.tunnels)} tunnels)")
     # SIGTERM (a cancelled CI job) while waiting is handled as Ctrl-C: `up` stops what it started.
     signal.signal(signal.SIGTERM, _interrupted)
-    res = runner.up(config, args.config, wait=args.wait, min_healthy=min_healthy, keep_on_failure=args.keep_on_failure)
+    try:
+        res = runner.up(config, args.config, wait=args.wait, min_healthy=min_healthy,
+                        keep_on_failure=args.keep_on_failure)
+    except KeyboardInterrupt:
+        print("hatun up: interrupted; what it started is stopped and cleaned up" if not args.keep_on_failure
+              else "hatun up: interrupted; hatun left running (--keep-on-failure)", file=sys.stderr)
+        raise
     if args.json:
         _print_json({"ok": res.ok, "message": res.message, "pid": res.pid, "tunnels": res.diagnoses})
     else:

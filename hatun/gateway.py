@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import ipaddress
 import re
+import shlex
 from dataclasses import dataclass
 
 from hatun.config import Config, Tunnel, default_peer_address
@@ -40,7 +41,7 @@ class GatewayPlan:
     preshared: bool  # the tunnel has a preshared key (the gateway needs the same one)
     peer_allowed: tuple  # networks the gateway accepts from this host: its tunnel addresses and source(s)
     gateway_addresses: tuple  # the gateway's own address(es) in the tunnel subnet(s), with prefix length
-    prefixes: tuple  # the private networks the host reaches through the gateway
+    prefixes: tuple  # the private networks the host reaches through the gateway (and its probe target)
     listen_port: int
 
     @property
@@ -61,13 +62,18 @@ def plan_gateway(config: Config, name: str, host_public_key: PublicKey) -> Gatew
     for a in t.address:
         if a.network.prefixlen < a.max_prefixlen:
             gateway.append(ipaddress.ip_interface(f"{default_peer_address(a)}/{a.network.prefixlen}"))
+    prefixes = list(config.routing.prefixes)
+    probe = t.probe_target.host
+    if t.probe is not None and not any(probe in n for n in prefixes if n.version == probe.version) \
+            and not any(probe in a.network for a in t.address):
+        prefixes.append(ipaddress.ip_network(f"{probe}/{probe.max_prefixlen}"))  # its replies must come back too
     return GatewayPlan(
         tunnel=t,
         host_public_key=host_public_key,
         preshared=t.preshared_key_file is not None or t.preshared_key_env is not None,
         peer_allowed=tuple(dict.fromkeys(allowed)),
         gateway_addresses=tuple(gateway),
-        prefixes=tuple(config.routing.prefixes),
+        prefixes=tuple(prefixes),
         listen_port=t.endpoint.port,
     )
 
@@ -105,10 +111,21 @@ def _header(plan: GatewayPlan, command: str) -> list[str]:
     ]
 
 
+def _shell_path(path: str, what: str) -> str:
+    """PATH for a PostUp line, which wg-quick runs through bash as root: quoted, and refused where
+    wg-quick's own parsing would cut it (a '#' starts a comment) or a line break would add lines."""
+    if not path or any(c in path for c in "#\n\r\0") or not path.isprintable():
+        raise GatewayError(f"{what}: a path without '#', line breaks or control characters, please")
+    return shlex.quote(path)
+
+
 def render_wg_quick(plan: GatewayPlan, command: str, key_file: str = DEFAULT_KEY_FILE,
                     psk_file: str = DEFAULT_PSK_FILE) -> str:
-    """A wg-quick file for a dedicated interface on the gateway (save as /etc/wireguard/IFNAME.conf)."""
+    """A wg-quick file for a dedicated interface on the gateway (save as /etc/wireguard/IFNAME.conf).
+    Raises GatewayError for a key or preshared key path that cannot go into a PostUp line."""
     t = plan.tunnel
+    quoted_key = _shell_path(key_file, "--key-file")
+    quoted_psk = _shell_path(psk_file, "--psk-file") if plan.preshared else ""
     table = _nft_table("%i")
     lines = _header(plan, command) + [
         "# On the gateway: put its private key in " + key_file.replace("%i", "IFNAME")
@@ -121,14 +138,16 @@ def render_wg_quick(plan: GatewayPlan, command: str, key_file: str = DEFAULT_KEY
     else:
         lines.append("# Address: the host's tunnel address is a single host; give the gateway one if it needs it")
     lines += [f"ListenPort = {plan.listen_port}", f"MTU = {t.mtu}"]
-    lines.append(f"PostUp = wg set %i private-key {key_file}")
+    lines.append(f"PostUp = wg set %i private-key {quoted_key}")
     if plan.preshared:
-        lines.append(f"PostUp = wg set %i peer {plan.host_public_key.base64} preshared-key {psk_file}")
+        lines.append(f"PostUp = wg set %i peer {plan.host_public_key.base64} preshared-key {quoted_psk}")
     for setting in _forwarding(plan):
         lines.append(f"PostUp = sysctl -q -w {setting}")
     chain = "{ type nat hook postrouting priority srcnat; }"
     rules = "; ".join(f"add rule inet {table} postrouting {r}" for r in _masquerade_rules(plan, "%i"))
-    lines.append(f"PostUp = nft 'add table inet {table}; add chain inet {table} postrouting {chain}; {rules}'")
+    # add + flush: a re-up after a crash (PostDown never ran) does not add the rules twice.
+    lines.append(f"PostUp = nft 'add table inet {table}; add chain inet {table} postrouting {chain};"
+                 f" flush chain inet {table} postrouting; {rules}'")
     lines.append(f"PostDown = nft delete table inet {table}")
     lines += [
         "",
@@ -142,12 +161,15 @@ def render_wg_quick(plan: GatewayPlan, command: str, key_file: str = DEFAULT_KEY
 
 def render_wg(plan: GatewayPlan, command: str) -> str:
     """This host as a peer, for `wg addconf IFNAME FILE` on an interface the gateway already has."""
-    lines = _header(plan, command) + [
-        "# On the gateway: wg addconf IFNAME THIS_FILE; then route the host's source into the tunnel:",
-        *(f"#   ip route replace {n} dev IFNAME" for n in plan.peer_allowed
-          if not any(n.subnet_of(a.network) for a in plan.gateway_addresses if a.version == n.version)),
-        f"# and enable forwarding ({', '.join(_forwarding(plan))}) and masquerading (--format nft).",
-    ]
+    routes = [f"#   ip route replace {n} dev IFNAME" for n in plan.peer_allowed
+              if not any(n.subnet_of(a.network) for a in plan.gateway_addresses if a.version == n.version)]
+    lines = _header(plan, command) + ["# On the gateway: wg addconf IFNAME THIS_FILE"]
+    if plan.gateway_addresses:
+        lines.append("# IFNAME needs the gateway's tunnel address(es), which the host probes by default: "
+                     + ", ".join(str(a) for a in plan.gateway_addresses))
+    if routes:
+        lines += ["# Route the host's addresses into the tunnel:", *routes]
+    lines.append(f"# Enable forwarding ({', '.join(_forwarding(plan))}) and masquerading (--format nft).")
     if plan.preshared:
         lines.append(f"# Preshared key (never printed): wg set IFNAME peer {plan.host_public_key.base64}"
                      " preshared-key FILE")

@@ -9,6 +9,8 @@ environment variables (CI secrets): the child inherits the environment.
 from __future__ import annotations
 
 import os
+import signal
+import socket
 import stat
 import subprocess
 import sys
@@ -95,15 +97,23 @@ def up(config: Config, config_path: str, *, wait: float, min_healthy: int, keep_
                 break
             time.sleep(POLL)
     except KeyboardInterrupt:  # Ctrl-C or SIGTERM while waiting: as a failed wait, nothing half up is left
-        if not keep_on_failure:
+        if proc is not None and not keep_on_failure:
+            _ignore_interrupts()
             down(config)
         raise
     diagnoses = {t.name: diagnose(t) for t in status.tunnels} if status else {}
     message = (f"fewer than {min_healthy} tunnels healthy after {wait:g} s" if status
                else f"hatun did not answer on {sock} within {wait:g} s:\n{_log_tail(config)}")
-    if not keep_on_failure:
+    if proc is not None and not keep_on_failure:  # never stop a hatun that this `up` did not start
+        _ignore_interrupts()
         down(config)
     return UpResult(False, status, diagnoses, message, pid)
+
+
+def _ignore_interrupts() -> None:
+    """From here on a second Ctrl-C or SIGTERM must not abort the clean-up halfway."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
 def _log_tail(config: Config, lines: int = 15) -> str:
@@ -129,7 +139,9 @@ def down(config: Config, timeout: float = 30.0) -> tuple[bool, list[str]]:
     except NotRunning:
         pass
     except ControlError:
-        was_running = True  # it did not answer in time: wait for its lock below, then clean up anyway
+        # No proper answer: a hatun that is hung (its run_dir lock is held: wait for it below, then
+        # clean up anyway), or something else on that path (no lock: not a hatun, nothing to wait for).
+        was_running = RunDir(config.run_dir).is_locked()
     deadline = time.monotonic() + timeout
     while was_running and time.monotonic() < deadline:
         if _status(sock) is None and not os.path.exists(sock):
@@ -137,14 +149,35 @@ def down(config: Config, timeout: float = 30.0) -> tuple[bool, list[str]]:
         time.sleep(POLL)
     _wait_unlocked(config, deadline)
     removed = trio.run(cleanup, config)
-    # A hatun killed with SIGKILL leaves its control socket; nothing answers there any more.
-    try:
-        if stat.S_ISSOCK(os.lstat(sock).st_mode) and _status(sock) is None and not RunDir(config.run_dir).is_locked():
+    # A hatun killed with SIGKILL leaves its control socket: nothing listens there any more (a socket
+    # anything answers on, hatun or not, is never removed).
+    if _stale_socket(sock) and not RunDir(config.run_dir).is_locked():
+        try:
             os.unlink(sock)
             removed.append(f"control socket {sock}")
-    except OSError:
-        pass
+        except OSError:
+            pass
     return was_running, removed
+
+
+def _stale_socket(path: str) -> bool:
+    """PATH is a Unix socket whose listener is gone (connecting is refused)."""
+    try:
+        if not stat.S_ISSOCK(os.lstat(path).st_mode):
+            return False
+    except OSError:
+        return False
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+    s.settimeout(2)
+    try:
+        s.connect(path)
+    except ConnectionRefusedError:
+        return True
+    except OSError:
+        return False
+    finally:
+        s.close()
+    return False
 
 
 def _wait_unlocked(config: Config, deadline: float) -> None:

@@ -63,7 +63,7 @@ def tunnel_name_from_path(path: str) -> str:
     stem = os.path.basename(path)
     stem = stem[: -len(".conf")] if stem.endswith(".conf") else stem
     name = re.sub(r"[^a-z0-9_-]+", "-", stem.lower()).strip("-_")
-    return name[:11] or "tunnel"
+    return name[:11].rstrip("-_") or "tunnel"
 
 
 def parse_wgquick(text: str, name: str, source: str = "<input>") -> WgQuickTunnel:
@@ -91,6 +91,8 @@ def parse_wgquick(text: str, name: str, source: str = "<input>") -> WgQuickTunne
         if not sep:
             raise ImportProblem(f"{source}:{lineno}: expected 'Key = Value'")
         key, value = key.strip().lower(), value.strip()
+        if not key:
+            raise ImportProblem(f"{source}:{lineno}: a value without a key name")
         if section is None:
             raise ImportProblem(f"{source}:{lineno}: '{key}' outside of [Interface] or [Peer]")
         target = iface if section == "interface" else peers[-1]
@@ -123,6 +125,11 @@ def parse_wgquick(text: str, name: str, source: str = "<input>") -> WgQuickTunne
         peer_key = PublicKey.from_base64(value)
     except InvalidKey as e:
         raise ImportProblem(f"{source}:{lineno}: PublicKey: {e}") from None
+    if peer_key.raw == private_key.raw:
+        raise ImportProblem(f"{source}:{lineno}: PublicKey is this file's own PrivateKey: paste the gateway's"
+                            " public key there (and make a new private key: this one has been exposed)")
+    if peer_key == private_key.public_key:
+        raise ImportProblem(f"{source}:{lineno}: PublicKey is this host's own public key: paste the gateway's there")
     psk = None
     if "presharedkey" in peer:
         lineno, value = peer["presharedkey"]
@@ -147,6 +154,9 @@ def parse_wgquick(text: str, name: str, source: str = "<input>") -> WgQuickTunne
         addresses.append(addr)
     lineno, value = need(peer, "allowedips", "Peer")
     allowed = []
+    if any(not p.strip() for p in value.split(",")):
+        raise ImportProblem(f"{source}:{lineno}: AllowedIPs: an empty entry (a stray comma, or an empty"
+                            " AllowedIPs line), which wg refuses")
     for part in _split(value):
         try:
             allowed.append(ipaddress.ip_network(part, strict=False))
@@ -203,13 +213,13 @@ def _probe_guess(t: WgQuickTunnel) -> tuple[str | None, str]:
 def steered_prefixes(tunnels: list[WgQuickTunnel]) -> list:
     """The networks behind the gateways: every AllowedIPs network that is not a tunnel's own subnet
     (wg-quick files usually list that too; hatun routes it by itself)."""
-    prefixes: list = []
-    tunnel_nets = [a.network for t in tunnels for a in t.addresses]
+    prefixes: dict = {}  # ordered, and a fast membership test for files with many AllowedIPs
+    tunnel_nets = {a.network for t in tunnels for a in t.addresses}
     for t in tunnels:
         for net in t.allowed_ips:
             if net not in prefixes and not any(net == tn or net.subnet_of(tn) for tn in tunnel_nets if tn.version == net.version):
-                prefixes.append(net)
-    return prefixes
+                prefixes[net] = None
+    return list(prefixes)
 
 
 def render_config(tunnels: list[WgQuickTunnel], key_files: dict[str, str], psk_files: dict[str, str]) -> str:
@@ -271,8 +281,8 @@ def import_config(tunnels: list[WgQuickTunnel], key_dir: str) -> tuple[str, dict
     try:
         parse_config(text)
     except ConfigError as e:
-        listed = "\n".join(f"  {p}" for p in e.problems)
-        raise ImportProblem(f"the wg-quick files give a config that hatun would refuse:\n{listed}") from None
+        listed = "; ".join(str(p) for p in e.problems)
+        raise ImportProblem(f"the wg-quick files give a config that hatun would refuse: {listed}") from None
     return text, key_files, psk_files
 
 
@@ -297,6 +307,10 @@ def write_key_files(tunnels: list[WgQuickTunnel], key_files: dict[str, str], psk
                 same = False
             if not same:
                 raise ImportProblem(f"{path} exists and holds another key: not overwritten (use --key-dir)")
+            try:
+                load(path, check_mode=True)
+            except InvalidKey as e:  # the same key, readable by others: hatun check would refuse it
+                raise ImportProblem(str(e)) from None
         else:
             todo.append((path, key))
     for path, key in todo:

@@ -240,7 +240,7 @@ def test_inputs_parse_precisely_and_never_quote_a_secret():
       configPath: i.parseConfig('cfg/hatun.toml', '/ws'),
       configInline: i.parseConfig('[[tunnels]]\nname = "a"', '/ws'),
       configEmpty: i.parseConfig('', '/ws'),
-      names: i.keyEnvNames('# private_key_env = "OLD"\nprivate_key_env = "A"\n  private_key_env=\'B\'\n'),
+      names: i.keyEnvNames('# private_key_env = "OLD"\nprivate_key_env = "A"\n  private_key_env=\'B\'\npreshared_key_env = "P"\n'),
       userspace: [i.wantsUserspace('backend = "userspace"\n[routing]\n'),
                   i.wantsUserspace('[routing]\nbackend = "userspace"\n'), i.wantsUserspace('backend = "auto"')],
       packages: [
@@ -267,7 +267,7 @@ def test_inputs_parse_precisely_and_never_quote_a_secret():
     assert out["configPath"] == {"value": {"inline": False, "path": "/ws/cfg/hatun.toml"}}
     assert out["configInline"] == {"value": {"inline": True, "text": '[[tunnels]]\nname = "a"\n'}}
     assert "required" in out["configEmpty"]["problem"]
-    assert out["names"] == ["A", "B"]
+    assert out["names"] == ["A", "B", "P"]
     assert out["userspace"] == [True, False, False]
     assert out["packages"] == [[], ["nftables", "wireguard-go", "python3-venv"], ["wireguard-go"], []]
 
@@ -305,7 +305,7 @@ def test_workflow_and_file_commands_read_back_as_the_runner_reads_them():
     ({"config": "hatun.toml", "add-to-path": "maybe"}, 'add-to-path: "maybe" is neither true nor false'),
     ({"config": "hatun.toml", "secrets": "HATUN_GW1_KEY=k1\nsecretvalueXYZ"}, "secrets, line 2: expected NAME=VALUE"),
     ({"config": "hatun.toml", "secrets": "LD_PRELOAD=/tmp/evil.so"}, "secrets, line 1: LD_PRELOAD is reserved"),
-    ({"config": "hatun.toml", "secrets": ""}, 'secrets: the config reads private_key_env "HATUN_GW1_KEY", which the secrets input does not give'),
+    ({"config": "hatun.toml", "secrets": ""}, 'secrets: the config reads private_key_env / preshared_key_env "HATUN_GW1_KEY", which the secrets input does not give'),
 ])
 def test_bad_inputs_fail_at_once_with_a_clear_error(make_runner, tmp_path, with_, expected):
     runner = make_runner(ROOT, tmp_path, env={"PIP_NO_INDEX": "1"})

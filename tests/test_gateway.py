@@ -149,3 +149,46 @@ def test_lab_gateways_run_exactly_what_the_cli_prints(lab_factory, capsys):
         with open(gateway_config_path(lab, i)) as f:
             assert f.read() == printed
     assert "preshared-key" in printed  # gw2 has a preshared key
+
+
+@pytest.mark.parametrize("path", ["/k; touch /tmp/pwned", "/k\n[Peer]", "/k # x", "/k\x00"])
+def test_paths_cannot_inject_into_postup(path):
+    p = plan(psk="/p")
+    text = None
+    try:
+        text = render_wg_quick(p, "x", key_file=path)
+    except GatewayError:
+        return
+    # Accepted only when quoted: one PostUp line, the path a single shell word.
+    import shlex
+
+    line = next(line for line in text.splitlines() if "private-key" in line)
+    assert shlex.split(line.split("=", 1)[1])[-1] == path
+
+
+def test_a_path_with_a_space_is_quoted_and_the_rules_survive_a_re_up():
+    text = render_wg_quick(plan(), "x", key_file="/etc/wire guard/%i.key")
+    assert "PostUp = wg set %i private-key '/etc/wire guard/%i.key'" in text
+    assert "flush chain inet hatun_%i postrouting" in text
+
+
+def test_a_probe_target_outside_the_prefixes_is_masqueraded_too():
+    p = plan(address='"198.18.101.2/30"', prefixes='["198.19.77.0/24"]', source='"198.18.99.1"',
+             probe='probe = "icmp://198.20.0.5"')
+    assert 'ip daddr { 198.19.77.0/24, 198.20.0.5/32 } masquerade' in render_wg_quick(p, "x")
+
+
+def test_wg_shape_names_the_gateway_address():
+    assert "needs the gateway's tunnel address(es), which the host probes by default: 198.18.101.1/30" in render_wg(plan(), "x")
+
+
+def test_two_tunnels_on_one_listen_port_are_a_problem():
+    from hatun.config import ConfigError
+
+    text = config_text() + config_text().split("[[tunnels]]")[1].replace('"office-1"', '"office-2"').replace(
+        "198.18.101.2/30", "198.18.102.2/30").replace("2001:2:0:101::2", "2001:2:0:102::2")
+    text = text.replace("mtu = 1380", "mtu = 1380\nlisten_port = 51999")
+    text = text.replace("\nname = \"office-2\"", "\n[[tunnels]]\nname = \"office-2\"", 1) if "[[tunnels]]\nname = \"office-2\"" not in text else text
+    with pytest.raises(ConfigError) as info:
+        parse_config(text)
+    assert any("each tunnel needs a UDP port of its own" in str(p) for p in info.value.problems)

@@ -227,6 +227,101 @@ def test_down_after_a_killed_hatun_and_an_interrupted_up_leave_nothing(lab_facto
     assert hatun_leftovers(lab) == []
 
 
+def wait_sigterm_handled(pid: int, timeout: float = 60) -> None:
+    """Until process PID catches SIGTERM (its SigCgt mask): `hatun up` installed its handler."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        with open(f"/proc/{pid}/status") as f:
+            caught = next(int(line.split()[1], 16) for line in f if line.startswith("SigCgt:"))
+        if caught >> (signal.SIGTERM - 1) & 1:
+            return
+        time.sleep(0.02)
+    pytest.fail(f"pid {pid} never caught SIGTERM")
+
+
+def test_up_and_down_never_stop_or_remove_what_is_not_theirs(lab_factory, hatun_factory):
+    """`up` attached to a hatun it did not start: SIGTERM ends `up` only. `down` leaves a live socket
+    that something else answers on."""
+    import subprocess
+    import sys
+    import threading
+
+    lab = lab_factory(2)
+    hatun = hatun_factory(lab)
+    hatun.wait(lambda s: len(members(s)) == 2, 15, "both in route")
+    trio.run(topology.lab_fail, lab.name, "gw2", "blackhole")
+    hatun.wait(lambda s: members(s) == ["gw1"], 15, "gw2 out")
+    up = subprocess.Popen(["ip", "netns", "exec", lab.runner, sys.executable, "-m", "hatun", "up", lab.config_path,
+                           "--wait", "120", "--min-healthy", "2"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                          text=True)
+    try:
+        wait_sigterm_handled(up.pid)
+        up.send_signal(signal.SIGTERM)
+        up.communicate(timeout=60)
+    finally:
+        if up.poll() is None:
+            up.kill()
+            up.wait(timeout=10)
+    assert up.returncode == 130
+    assert hatun.proc.poll() is None and hatun_cli(None, "status", "--socket", lab.control_socket).returncode == 0
+    hatun.stop(signal.SIGTERM)
+
+    # Something else listens on the control socket's path and answers nonsense.
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    listener.bind(lab.control_socket)
+    listener.listen(8)
+    stop = threading.Event()
+
+    def answer() -> None:
+        listener.settimeout(0.2)
+        while not stop.is_set():
+            try:
+                conn, _ = listener.accept()
+            except OSError:
+                continue
+            conn.sendall(b"nonsense\n")
+            conn.close()
+
+    thread = threading.Thread(target=answer, daemon=True)
+    thread.start()
+    try:
+        res = hatun_cli(lab.runner, "down", lab.config_path)
+        assert res.returncode == 0, res.stderr
+        assert os.path.exists(lab.control_socket) and "control socket" not in res.stdout
+    finally:
+        stop.set()
+        thread.join(timeout=5)
+        listener.close()
+        os.unlink(lab.control_socket)
+
+
+def test_a_second_sigterm_does_not_cut_the_clean_up_short(lab_factory):
+    import subprocess
+    import sys
+
+    lab = lab_factory(2)
+    for gw in ("gw1", "gw2"):
+        trio.run(topology.lab_fail, lab.name, gw, "blackhole")
+    up = subprocess.Popen(["ip", "netns", "exec", lab.runner, sys.executable, "-m", "hatun", "up", lab.config_path,
+                           "--wait", "120"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        for _ in range(300):
+            if hatun_cli(None, "status", "--socket", lab.control_socket, timeout=10).returncode == 0:
+                break
+            time.sleep(0.1)
+        up.send_signal(signal.SIGTERM)
+        time.sleep(0.05)
+        if up.poll() is None:
+            up.send_signal(signal.SIGTERM)
+        out, err = up.communicate(timeout=60)
+    finally:
+        if up.poll() is None:
+            up.kill()
+            up.wait(timeout=10)
+    assert up.returncode == 130 and "interrupted" in err
+    assert hatun_leftovers(lab) == []
+
+
 def test_runner_mode_diagnoses(lab_factory):
     lab = lab_factory(2)
     # gw1: the gateway does not know this key (no handshake); gw2: handshake, but the probe target

@@ -281,3 +281,32 @@ def test_import_says_what_is_missing(tmp_path, capsys, allowed, endpoint, messag
     out, err = capsys.readouterr()
     assert out == "" and message in err and "nothing written" in err or message in err
     assert not (tmp_path / "keys").exists()
+
+
+@pytest.mark.parametrize("peer, message", [
+    (lambda: KEY1.base64, "PublicKey is this file's own PrivateKey"),
+    (lambda: KEY1.public_key.base64, "PublicKey is this host's own public key"),
+])
+def test_own_keys_as_the_peer_key_are_refused_never_printed(tmp_path, capsys, peer, message):
+    (tmp_path / "wg0.conf").write_text(_shape(pub=f"PublicKey = {peer()}"))
+    assert main(["import", str(tmp_path / "wg0.conf"), "--key-dir", str(tmp_path / "keys")]) == 1
+    out, err = capsys.readouterr()
+    assert out == "" and message in err and KEY1.base64 not in err
+
+
+def test_oversized_files_stray_commas_and_open_key_files_are_refused(tmp_path, capsys):
+    big = tmp_path / "wg0.conf"
+    big.write_text(_shape() + "# " + "x" * (1024 * 1024) + "\n")
+    assert main(["import", str(big)]) == 1
+    assert "larger than 1 MiB" in capsys.readouterr().err
+    big.write_text(_shape(allowed="AllowedIPs = 198.19.77.0/24 ,"))
+    assert main(["import", str(big), "--key-dir", str(tmp_path / "k")]) == 1
+    assert "an empty entry" in capsys.readouterr().err
+    # A key file already there with the same key, but readable by others: refused, not "reused".
+    keys = tmp_path / "keys"
+    keys.mkdir()
+    (keys / "wg0.key").write_text(KEY1.base64 + "\n")
+    os.chmod(keys / "wg0.key", 0o644)
+    big.write_text(_shape())
+    assert main(["import", str(big), "--key-dir", str(keys)]) == 2
+    assert "accessible by group or others" in capsys.readouterr().err

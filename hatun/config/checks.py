@@ -109,6 +109,7 @@ class _LooseTunnel:
     key_env: str | None
     psk_file: str | None
     psk_env: str | None
+    listen_port: int | None
     addresses: list[Any]
     probe_given: bool
     probe: Probe | None
@@ -138,6 +139,7 @@ def _loose_tunnels(raw: dict[str, Any]) -> list[_LooseTunnel]:
             key_env=t.get("private_key_env"),
             psk_file=t.get("preshared_key_file"),
             psk_env=t.get("preshared_key_env"),
+            listen_port=t.get("listen_port"),
             addresses=[a for a in t.items("address", Interface, one_or_many=True) if a is not None],
             probe_given=t.given("probe"),
             probe=t.get("probe"),
@@ -194,8 +196,15 @@ def semantic_problems(raw: dict[str, Any]) -> list[Problem]:
 
     seen_names: dict[str, int] = {}
     seen_ifnames: dict[str, int] = {}
+    seen_ports: dict[int, int] = {}
     for t in tunnels:
         i = t.index
+        if t.listen_port is not None:
+            if t.listen_port in seen_ports:
+                problems.append(Problem(f"tunnels[{i}].listen_port", f"port {t.listen_port} is already"
+                                        f" tunnels[{seen_ports[t.listen_port]}]'s: each tunnel needs a UDP port of its own"))
+            else:
+                seen_ports[t.listen_port] = i
         if t.name is not None:
             if t.name in seen_names:
                 problems.append(Problem(f"tunnels[{i}].name", f"duplicate tunnel name, already used by tunnels[{seen_names[t.name]}]", repr(t.name)))

@@ -93,6 +93,11 @@ function keyEnvNames(configText) {
   return names;
 }
 
+/** True when the config text has a keyless tunnel (enroll = "https://..."): the job's OIDC token is needed. */
+function enrolls(configText) {
+  return /^\s*enroll\s*=\s*["']/m.test(configText);
+}
+
 /** True when the config text asks for wireguard-go whatever the kernel has (backend = "userspace"). */
 function wantsUserspace(configText) {
   // Top level only: the first table header ends it.
@@ -147,6 +152,7 @@ function missingPackages({ haveNft, kernelWireGuard, haveWireguardGo, wantsUsers
 }
 
 module.exports = {
+  enrolls,
   parseDuration, parseCount, parseBool, parseSecrets, parseConfig, keyEnvNames, wantsUserspace,
   readInputs, missingPackages,
 };

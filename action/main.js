@@ -9,7 +9,7 @@ const path = require('path');
 
 const gh = require('./github');
 const { Children, Cancelled, describe } = require('./process');
-const { readInputs, keyEnvNames, wantsUserspace, missingPackages } = require('./inputs');
+const { readInputs, keyEnvNames, enrolls, wantsUserspace, missingPackages } = require('./inputs');
 const report = require('./report');
 const hatun = require('./hatun');
 
@@ -123,6 +123,20 @@ function checkInputs() {
     } else {
       missing.push(name);
     }
+  }
+  // Keyless tunnels (enroll =): hatun fetches the job's OIDC token itself, with these two variables,
+  // which the runner sets only for a job with `permissions: id-token: write`.
+  if (configText !== null && enrolls(configText)) {
+    for (const name of ['ACTIONS_ID_TOKEN_REQUEST_URL', 'ACTIONS_ID_TOKEN_REQUEST_TOKEN']) {
+      if (process.env[name]) {
+        keyEnv[name] = process.env[name];
+      } else {
+        inputs.problems.push(`the config enrolls its tunnels (enroll = ...), which needs the job's OIDC token: add`
+          + ' `permissions: id-token: write` to the job (' + name + ' is not set)');
+        break;
+      }
+    }
+    if (keyEnv.ACTIONS_ID_TOKEN_REQUEST_TOKEN) gh.mask(keyEnv.ACTIONS_ID_TOKEN_REQUEST_TOKEN);
   }
   if (missing.length) {
     inputs.problems.push(`secrets: the config reads private_key_env / preshared_key_env ${missing.map((n) => `"${n}"`).join(', ')}, which`

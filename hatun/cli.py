@@ -64,11 +64,12 @@ def cmd_check(args: argparse.Namespace) -> int:
                 {
                     "name": t.name,
                     "interface": t.ifname,
-                    "endpoint": safe_text(str(t.endpoint)),
+                    "endpoint": safe_text(str(t.endpoint)) if not t.enrolled else None,
+                    "enroll": safe_text(t.enroll) if t.enrolled else None,
                     "weight": t.weight,
                     "priority": t.priority,
-                    "probe": str(t.probe_target),
-                    "public_key": None if args.skip_secrets else secrets.keys[t.name].private.public_key.base64,
+                    "probe": str(t.probe_target) if not t.enrolled or t.probe else None,
+                    "public_key": None if args.skip_secrets or t.enrolled else secrets.keys[t.name].private.public_key.base64,
                     "preshared_key": t.preshared_key_file is not None or t.preshared_key_env is not None,
                 }
                 for t in config.tunnels
@@ -244,6 +245,8 @@ def cmd_gateway(args: argparse.Namespace) -> int:
     from hatun.logs import safe_text
 
     config, secrets = _load_for_run(args.config)
+    if any(t.name == args.tunnel and t.enrolled for t in config.tunnels):
+        raise CliError(f"tunnel {args.tunnel} enrolls: its gateway adds it itself (hatun enroll serve)", EXIT_USAGE)
     try:
         plan = plan_gateway(config, args.tunnel, secrets.keys[args.tunnel].private.public_key
                             if args.tunnel in secrets.keys else None)
@@ -492,11 +495,17 @@ def cmd_lab(args: argparse.Namespace) -> int:
 
     try:
         if args.lab_command == "up":
-            lab = trio.run(topology.lab_up, args.name, args.gateways, args.backend, args.ipv6)
+            lab = trio.run(topology.lab_up, args.name, args.gateways, args.backend, args.ipv6, args.enroll)
             print(f"lab {lab.name!r} is up: {lab.gateways} gateways ({lab.backend} WireGuard), runner namespace"
                   f" {lab.runner}, service host {topology.SERVICE} in {lab.lan}")
             print(f"hatun config for the runner: {lab.config_path}")
             print("next:")
+            if lab.enroll:
+                from hatun.lab.enroll import enroll_dir
+
+                print(f"  export ACTIONS_ID_TOKEN_REQUEST_URL=http://127.0.0.1:18090/token?api-version=2.0"
+                      f" ACTIONS_ID_TOKEN_REQUEST_TOKEN=$(cat {enroll_dir(lab)}/request-token)"
+                      "   (what a job with `id-token: write` has)")
             print(f"  ip netns exec {lab.runner} hatun run {lab.config_path}")
             print(f"  hatun status --socket {lab.control_socket}")
             print(f"  ip netns exec {lab.runner} curl -s http://{topology.SERVICE}/     (which gateway carried it)")
@@ -528,7 +537,8 @@ def cmd_lab(args: argparse.Namespace) -> int:
                 sys.stdout.write(("\x1b[H\x1b[2J" if tty else "") + frame + "\n" + ("" if tty else "\n"))
                 sys.stdout.flush()
 
-            summary = trio.run(lambda: run_demo(show, name=args.name, duration=args.duration, backend=args.backend))
+            summary = trio.run(lambda: run_demo(show, name=args.name, duration=args.duration, backend=args.backend,
+                                                enroll=args.enroll))
             if summary:
                 print(f"demo finished: {summary['sent']} packets sent, {summary['lost']} lost during the failovers;"
                       " the lab is removed")
@@ -655,6 +665,9 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--name", default="lab", help=LAB_NAME_HELP)
     sp.add_argument("--backend", choices=("auto", "kernel", "userspace"), default="auto", help=BACKEND_HELP)
     sp.add_argument("--ipv6", action="store_true", help="IPv6 inside the tunnels and in the LAN too")
+    sp.add_argument("--enroll", action="store_true",
+                    help="keyless: an OIDC issuer of the lab's own and `hatun enroll serve` on each gateway; the"
+                         " runner's tunnels enroll (no keys in its config)")
     sp = lsub.add_parser("down", help="remove the lab (also after a crash)")
     sp.add_argument("--name", default="lab", help=LAB_NAME_HELP)
     sp = lsub.add_parser("fail", help="break one gateway's path")
@@ -670,10 +683,12 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--duration", type=float, default=60.0, metavar="SECONDS", help="how long (default 60)")
     sp.add_argument("--name", default="demo", help="lab name (default demo)")
     sp.add_argument("--backend", choices=("auto", "kernel", "userspace"), default="auto", help=BACKEND_HELP)
+    sp.add_argument("--enroll", action="store_true",
+                    help="keyless runner: hatun enrolls at each gateway with the lab's OIDC tokens")
     sp = lsub.add_parser("bench", help="measure failover, gray failures, saturation, drain, restart, weights,"
                                        " throughput and scale on the lab")
     sp.add_argument("scenarios", nargs="*", metavar="SCENARIO",
-                    help="failover, gray, saturation, drain, restart, weights, throughput, scale (default: all)")
+                    help="failover, gray, saturation, drain, restart, weights, throughput, scale, enroll (default: all)")
     sp.add_argument("--baseline", choices=("bfd",), default=None,
                     help="bfd: the failover scenario also measures BIRD2 + BFD (50 ms x 3) over the same tunnels")
     sp.add_argument("--runs", type=int, default=5, help="repetitions per scenario (default 5)")

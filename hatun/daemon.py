@@ -29,8 +29,9 @@ async def _serve_signals(sup: Supervisor, *, task_status=trio.TASK_STATUS_IGNORE
 
 async def run(config: Config, secrets: Secrets, config_path: str | None) -> None:
     """Run hatun until SIGTERM/SIGINT (or a `stop` through the control socket)."""
-    from hatun.control import prepare_path, serve_control
-    from hatun.metrics import open_metrics_listeners, serve_metrics
+    from hatun.control import prepare_path
+    from hatun.enrollment import EnrollError, Enrollments
+    from hatun.metrics import open_metrics_listeners
     from hatun.supervisor import SupervisorError
 
     # What can fail for reasons outside hatun is checked before anything in the kernel is touched.
@@ -43,7 +44,26 @@ async def run(config: Config, secrets: Secrets, config_path: str | None) -> None
             raise SupervisorError(f"metrics: cannot listen on {config.metrics.listen}: {e.strerror or e}") from None
     for warning in config_warnings(config):
         log.warning("%s", warning)
+    enrollments = Enrollments()
+    try:
+        config, secrets = await enrollments.resolve(config, secrets)
+    except EnrollError as e:
+        raise SupervisorError(f"enrollment: {e}") from None
     sup = Supervisor(config, secrets, config_path)
+    sup.resolve = enrollments.resolve
+    sup.after_teardown = enrollments.release
+    try:
+        await _serve(sup, listeners)
+    finally:
+        if enrollments.done and sup.cleanup_on_stop:
+            with trio.CancelScope(shield=True):
+                await enrollments.release()
+
+
+async def _serve(sup, listeners) -> None:
+    from hatun.control import serve_control
+    from hatun.metrics import serve_metrics
+
     async with trio.open_nursery() as servers:
         await servers.start(_serve_signals, sup)
         async with trio.open_nursery() as core:

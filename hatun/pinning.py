@@ -29,7 +29,7 @@ log = logging.getLogger("hatun.pinning")
 
 NFT_TIMEOUT = 10.0
 MAP = "tunnel_mark"
-CHAINS = ("output", "prerouting", "postrouting")
+CHAINS = ("output", "prerouting", "postrouting", "snat")
 TAG_PREFIX = "hatun-"  # every rule hatun writes carries a comment "hatun-<hash of the rules>"
 
 
@@ -37,7 +37,7 @@ class PinningError(Exception):
     """nftables could not be read or changed; the message has nft's own words."""
 
 
-def _rules_json(table: str, mask: int) -> list[dict]:
+def _rules_json(table: str, mask: int, snat: bool = False) -> list[dict]:
     fam = "inet"
     not_mask = ~mask & 0xFFFFFFFF
 
@@ -55,24 +55,33 @@ def _rules_json(table: str, mask: int) -> list[dict]:
         {"mangle": {"key": {"ct": {"key": "mark"}},
                     "value": {"map": {"key": {"meta": {"key": "oifname"}}, "data": f"@{MAP}"}}}},
     ]}}
-    return [restore("output"), restore("prerouting"), save]
+    rules = [restore("output"), restore("prerouting"), save]
+    if snat:
+        # No shared source address: a new flow leaving through a tunnel (its conntrack mark, set just
+        # before, says which) takes that tunnel's own address, the one its gateway accepts and routes
+        # back (enrolled tunnels: the address the gateway handed out).
+        rules.append({"rule": {"family": fam, "table": table, "chain": "snat", "expr": [
+            {"match": {"op": "!=", "left": {"&": [{"ct": {"key": "mark"}}, mask]}, "right": 0}},
+            {"masquerade": None},
+        ]}})
+    return rules
 
 
-def _structure(table: str, mask: int) -> tuple[list[dict], str]:
+def _structure(table: str, mask: int, snat: bool = False) -> tuple[list[dict], str]:
     """The commands that (re)create table, map, chains and rules, and a tag naming this version."""
     fam = "inet"
-    rules = _rules_json(table, mask)
+    rules = _rules_json(table, mask, snat)
     tag = TAG_PREFIX + hashlib.sha256(json.dumps(rules, sort_keys=True).encode()).hexdigest()[:12]
     chains = [
-        ("output", "route", "output"),
-        ("prerouting", "filter", "prerouting"),
-        ("postrouting", "filter", "postrouting"),
-    ]
+        ("output", "route", "output", -150),
+        ("prerouting", "filter", "prerouting", -150),
+        ("postrouting", "filter", "postrouting", -150),
+    ] + ([("snat", "nat", "postrouting", 100)] if snat else [])
     cmds: list[dict] = [{"add": {"table": {"family": fam, "name": table}}},
                         {"add": {"map": {"family": fam, "table": table, "name": MAP, "type": "ifname", "map": "mark"}}}]
-    for name, ctype, hook in chains:
+    for name, ctype, hook, prio in chains:
         cmds.append({"add": {"chain": {"family": fam, "table": table, "name": name, "type": ctype, "hook": hook,
-                                       "prio": -150, "policy": "accept"}}})
+                                       "prio": prio, "policy": "accept"}}})
         cmds.append({"flush": {"chain": {"family": fam, "table": table, "name": name}}})
     for r in rules:
         r["rule"]["comment"] = tag
@@ -83,9 +92,10 @@ def _structure(table: str, mask: int) -> tuple[list[dict], str]:
 class Pinning:
     """The nftables side of flow pinning. `apply(marks)` is idempotent; `read()` reads it back."""
 
-    def __init__(self, table: str, mask: int, nft: str | None = None) -> None:
+    def __init__(self, table: str, mask: int, nft: str | None = None, *, snat: bool = False) -> None:
         self.table = table
         self.mask = mask
+        self.snat = snat  # masquerade new flows to their tunnel's address (no shared source address)
         self.nft = nft or shutil.which("nft") or "nft"
 
     @staticmethod
@@ -153,10 +163,13 @@ class Pinning:
         if current is None:
             current = await self.read()
         cmds: list[dict] = []
-        _, tag = _structure(self.table, self.mask)
+        _, tag = _structure(self.table, self.mask, self.snat)
         have_marks, have_tag = current if current is not None else ({}, None)
         if have_tag != tag:
-            cmds, _ = _structure(self.table, self.mask)
+            cmds, _ = _structure(self.table, self.mask, self.snat)
+            if have_tag is not None and not self.snat:  # a snat chain of an earlier config must go
+                cmds.insert(0, {"delete": {"table": {"family": "inet", "name": self.table}}})
+                have_marks = {}
         stale = [[k, v] for k, v in have_marks.items() if marks.get(k) != v]
         new = [[k, v] for k, v in marks.items() if have_marks.get(k) != v]
         if stale:

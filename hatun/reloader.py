@@ -17,6 +17,7 @@ import trio
 
 from hatun.adoption import ownership_problems
 from hatun.config import Config, ConfigError, ConfigUnreadable, Secrets, Tunnel, load_config
+from hatun.enrollment import EnrollError
 from hatun.keys import redact
 from hatun.netlink.core import NetlinkError, NetlinkTimeout
 from hatun.reload import ReloadPlan, RunningTunnel, plan_reload
@@ -105,6 +106,10 @@ class Reloader:
                 problems = "; ".join(str(p) for p in e.problems[:5]) + (
                     f" (+{len(e.problems) - 5} more)" if len(e.problems) > 5 else "")
                 return self._done(False, f"reload refused, still running the previous config: {problems}")
+            try:
+                new, secrets = await sup.resolve(new, secrets)  # enrolled tunnels filled in
+            except EnrollError as e:
+                return self._done(False, f"reload refused, still running the previous config: {e}")
             running = [RunningTunnel(t.name, t.ifname, t.slot, t.key) for t in sup.tunnels.values()]
             running += [RunningTunnel(t.name, t.ifname, t.slot, t.key, draining=True) for t in sup.draining]
             plan = plan_reload(sup.config, new, secrets.keys, running, sup.layout.max_slot)

@@ -44,6 +44,10 @@ def check_summary(config, secrets, source: str, skipped_secrets: bool) -> str:
                  f" control socket: {safe_text(config.control.socket)}")
     rows = []
     for t in config.tunnels:
+        if t.enrolled:
+            rows.append((t.name, t.ifname, safe_text(f"enroll {t.enroll}"), t.weight, t.priority,
+                         str(t.probe) if t.probe else "(the gateway)", "(made at start, in memory)"))
+            continue
         if skipped_secrets:
             pub = "(not checked: --skip-secrets)"
         else:

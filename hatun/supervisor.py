@@ -53,6 +53,14 @@ STATUS_DEADLINE = 2.0  # refreshing every tunnel's counters for a status or a sc
 TASK_BACKOFF_MAX = 10.0  # a failing supervisor task is restarted at least this often
 
 
+async def _as_read(config: Config, secrets: Secrets) -> tuple[Config, Secrets]:
+    return config, secrets
+
+
+async def _nothing() -> None:
+    return None
+
+
 class SupervisorError(Exception):
     """hatun cannot start or run; the message says why and what to do."""
 
@@ -69,6 +77,9 @@ class Supervisor:
         self.tunnels: dict[str, TunnelRunner] = {}  # the config's tunnels, by name
         self.draining: list[TunnelRunner] = []  # removed by a reload, keeping their flows until torn down
         self.reloader = Reloader(self)
+        # A config read for a reload goes through this (enrolled tunnels filled in: hatun.enrollment).
+        self.resolve = _as_read
+        self.after_teardown = _nothing  # a clean stop's last step (enrollments withdrawn), bounded by its owner
         self.repairs: Counter = Counter()  # kernel objects repaired after a change behind hatun's back
         self.backend = None
         self.backend_name: str | None = None
@@ -122,7 +133,8 @@ class Supervisor:
                                           our_sources=set(self.state.sources), state_path=self.rundir.state_path)
             if problems:
                 raise SupervisorError("; ".join(problems))
-            pinning = Pinning(cfg.routing.nft_table, cfg.routing.fwmark_mask) if cfg.routing.pin_flows else None
+            pinning = (Pinning(cfg.routing.nft_table, cfg.routing.fwmark_mask, snat=not cfg.routing.source)
+                       if cfg.routing.pin_flows else None)
             router = Router(self.rtnl, lay, self.lo_index, pinning)
             mode = await choose_mode(self.rtnl, lay, cfg.routing.mode)
             previous = await self._adopt(router, links)
@@ -149,6 +161,10 @@ class Supervisor:
                     await self._teardown(router)
                 if grace.cancelled_caught:
                     log.error("clean-up did not finish within %.0f s; run `hatun down` to finish it", TEARDOWN_GRACE)
+                # Still under the run_dir lock, which `hatun down` waits for: what the stop must
+                # also undo outside this host (enrollments at the gateways) is done when it returns.
+                with trio.CancelScope(shield=True):
+                    await self.after_teardown()
 
     def stop(self, cleanup: bool | None = None) -> None:
         """Ask `run` to stop; CLEANUP overrides keep_on_exit (True: remove everything)."""

@@ -26,8 +26,8 @@ def lab_name() -> str:
     return f"t{RUN_ID[:4]}{_counter}"
 
 
-def make_lab(gateways: int = 3, *, ipv6: bool = False, backend: str = "userspace") -> Lab:
-    return trio.run(topology.lab_up, lab_name(), gateways, backend, ipv6)
+def make_lab(gateways: int = 3, *, ipv6: bool = False, backend: str = "userspace", enroll: bool = False) -> Lab:
+    return trio.run(topology.lab_up, lab_name(), gateways, backend, ipv6, enroll)
 
 
 def remove_lab(lab: Lab) -> None:

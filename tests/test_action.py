@@ -306,6 +306,8 @@ def test_workflow_and_file_commands_read_back_as_the_runner_reads_them():
     ({"config": "hatun.toml", "secrets": "HATUN_GW1_KEY=k1\nsecretvalueXYZ"}, "secrets, line 2: expected NAME=VALUE"),
     ({"config": "hatun.toml", "secrets": "LD_PRELOAD=/tmp/evil.so"}, "secrets, line 1: LD_PRELOAD is reserved"),
     ({"config": "hatun.toml", "secrets": ""}, 'secrets: the config reads private_key_env / preshared_key_env "HATUN_GW1_KEY", which the secrets input does not give'),
+    ({"config": '[[tunnels]]\nname = "gw1"\nenroll = "https://gw1.example.net:8443"\n'},
+     "the config enrolls its tunnels (enroll = ...), which needs the job's OIDC token: add `permissions: id-token: write`"),
 ])
 def test_bad_inputs_fail_at_once_with_a_clear_error(make_runner, tmp_path, with_, expected):
     runner = make_runner(ROOT, tmp_path, env={"PIP_NO_INDEX": "1"})

@@ -363,3 +363,79 @@ def test_check_explains_a_gateways_file(tmp_path, capsys):
     assert main(["check", str(bad)]) == 1
     out = capsys.readouterr().out
     assert "enroll.issuer" in out and "enroll.frobnicate" in out and "enroll.allow" in out
+
+
+async def test_peers_a_device_lost_are_added_again(tmp_path):
+    svc, dev, _ = service(tmp_path)
+    runner = PrivateKey.generate().public_key
+    await svc.enroll(KEY.mint(AUD), body(runner), "c")
+    stranger = PrivateKey.generate().public_key
+    dev.peers_now = {stranger: "10.0.0.9"}  # the gateway's WireGuard restarted; someone else's peer is there
+    await svc.reconcile()
+    assert dev.peers_now == {stranger: "10.0.0.9", runner: "198.18.200.2"}
+
+
+RUNNER = """
+[routing]
+prefixes = ["198.19.77.0/24"]
+{routing}
+[[tunnels]]
+name = "gw1"
+enroll = "{url}"
+{extra}
+"""
+
+
+def runner_config(url="https://gw1.example.net:8443", extra='enroll_audience = "hatun-gw1"', routing=""):
+    return RUNNER.format(url=url, extra=extra, routing=routing)
+
+
+def test_an_enrolled_tunnel_needs_no_keys_and_check_says_so(tmp_path, capsys):
+    from hatun.cli import main
+    from hatun.config import parse_config
+
+    config = parse_config(runner_config(extra='enroll_audience = "hatun-gw1"\nenroll_pin = "' + "AB:" * 31 + 'AB"'))
+    t = config.tunnels[0]
+    assert t.enrolled and t.enroll_pin == "ab" * 32 and t.address == [] and t.peer_public_key is None
+    (tmp_path / "r.toml").write_text(runner_config())
+    assert main(["check", str(tmp_path / "r.toml")]) == 0
+    out = capsys.readouterr().out
+    assert "enroll https://gw1.example.net:8443" in out and "(made at start, in memory)" in out
+
+
+@pytest.mark.parametrize("text, where, message", [
+    (runner_config(extra='enroll_audience = "a"\nprivate_key_file = "/k"'), "tunnels[0].private_key_file",
+     "comes from the enrollment"),
+    (runner_config(extra='enroll_audience = "a"\naddress = "198.18.1.2/30"'), "tunnels[0].address",
+     "comes from the enrollment"),
+    (runner_config(extra=""), "tunnels[0].enroll_audience", "required with enroll"),
+    (runner_config(url="http://gw1.example.net:8443"), "tunnels[0].enroll", "only on a loopback address"),
+    (runner_config(url="https://gw1.example.net:8443/v1"), "tunnels[0].enroll", "no path"),
+    (runner_config(routing='source = "198.18.99.1"'), "routing.source", "not with enrolled tunnels"),
+    (runner_config(routing="pin_flows = false"), "routing.pin_flows", "enrolled tunnels need it"),
+    (runner_config(extra='enroll_audience = "a"\nenroll_pin = "xyz"'), "tunnels[0].enroll_pin", "64 hex digits"),
+    ('[routing]\nprefixes = ["198.19.77.0/24"]\n[[tunnels]]\nname = "gw1"\nprivate_key_env = "K"\n'
+     'enroll_audience = "a"\n', "tunnels[0].enroll_audience", "only with enroll"),
+    ('[routing]\nprefixes = ["198.19.77.0/24"]\n[[tunnels]]\nname = "gw1"\nprivate_key_env = "K"\n',
+     "tunnels[0].endpoint", "required key missing"),
+])
+def test_enrolled_tunnel_mistakes(text, where, message):
+    from hatun.config import ConfigError, parse_config
+
+    with pytest.raises(ConfigError) as info:
+        parse_config(text)
+    assert any(p.loc == where and message in p.message for p in info.value.problems), info.value.problems
+
+
+@pytest.mark.parametrize("address, bad", [
+    ("198.18.200.2/24", False), ("127.0.0.2/8", True), ("0.0.0.0/0", True), ("198.18.200.0/24", True),
+    ("198.19.77.5/24", True), ("10.0.0.2/8", True), ("fe80::2/64", True), ("2001:2:200::2/64", False),
+])
+def test_a_gateways_answer_is_checked_before_use(address, bad):
+    import ipaddress as ip
+
+    from hatun.enrollment import Enrolled, answer_problem
+
+    e = Enrolled("https://gw", "a", None, PrivateKey.generate(), ip.ip_interface(address),
+                 PrivateKey.generate().public_key, "198.18.1.2:51820", 1_900_000_000)
+    assert (answer_problem(e, [ip.ip_network("198.19.77.0/24")]) is not None) == bad

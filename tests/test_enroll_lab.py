@@ -17,6 +17,7 @@ import sys
 import time
 
 import pytest
+import trio
 
 from hatun.keys import PrivateKey
 from hatun.lab.issuer import IssuerKey
@@ -217,3 +218,89 @@ print(c.recv(200)[:12])
     assert g["service"].poll() is None, "the service is still running"
     assert curl(g["run"], "GET", f"https://{GW_UL}:8443/healthz", g["crt"])[0] == 200
     del s
+
+
+def test_hatun_up_enrolls_runs_the_tunnel_and_down_withdraws_it(gateway, tmp_path):
+    """The runner's side: a tunnel with `enroll =` (no key, no peer, no address in the config) comes up
+    from the enrollment, its traffic is masqueraded to the address the gateway handed out, and
+    `hatun down` withdraws the peer from the gateway."""
+    import hashlib
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import serialization
+
+    g = gateway
+    ns_exec(g["gw"], "ip", "addr", "add", "198.19.88.1/32", "dev", "lo")  # "the private network"
+    cert = x509.load_pem_x509_certificate(open(g["crt"], "rb").read())
+    pin = hashlib.sha256(cert.public_bytes(serialization.Encoding.DER)).hexdigest()
+    request_token = "lab-request-token"
+    token_service = start(g["run"], sys.executable, "-m", "hatun.lab.issuer", str(tmp_path / "issuer.json"),
+                          "127.0.0.1:18090", env={"HATUN_LAB_REQUEST_TOKEN": request_token})
+    g["procs"].append(token_service)
+    wait_for(lambda: ns_exec(g["run"], "curl", "-s", f"{ISSUER.replace('18089', '18090')}/.well-known/jwks",
+                             check=False).returncode == 0, "the job-token service")
+    cfg = tmp_path / "runner.toml"
+    cfg.write_text(f"""
+run_dir = "{tmp_path}/run"
+[routing]
+prefixes = ["198.19.88.0/24"]
+[metrics]
+listen = ""
+[control]
+socket = "{tmp_path}/hatun.sock"
+[[tunnels]]
+name = "gw1"
+interface = "en{RUN_ID}"
+enroll = "https://{GW_UL}:8443"
+enroll_audience = "{AUD}"
+enroll_pin = "{pin}"
+""")
+    env = {"ACTIONS_ID_TOKEN_REQUEST_URL": "http://127.0.0.1:18090/token?api-version=2.0",
+           "ACTIONS_ID_TOKEN_REQUEST_TOKEN": request_token}
+    res = subprocess.run(["ip", "netns", "exec", g["run"], sys.executable, "-m", "hatun", "up", str(cfg), "--wait", "30"],
+                         capture_output=True, text=True, timeout=90, env={**os.environ, **env})
+    try:
+        assert res.returncode == 0, res.stdout + res.stderr
+        peers = ns_exec(g["gw"], "wg", "show", g["ifname"], "allowed-ips").stdout
+        assert "198.18.200.2/32" in peers
+        assert ns_exec(g["run"], "ping", "-c", "3", "-W", "2", "198.19.88.1", check=False).returncode == 0
+        # The private key lives in hatun's memory only: no key file anywhere in its run directory.
+        assert not [p for p in (tmp_path / "run").rglob("*.key")]
+    finally:
+        down = subprocess.run(["ip", "netns", "exec", g["run"], sys.executable, "-m", "hatun", "down", str(cfg)],
+                              capture_output=True, text=True, timeout=90, env={**os.environ, **env})
+    assert down.returncode == 0, down.stderr
+    assert ns_exec(g["gw"], "wg", "show", g["ifname"], "peers").stdout.strip() == "", "withdrawn at stop"
+    assert f"en{RUN_ID}" not in ns_exec(g["run"], "ip", "-o", "link").stdout
+
+
+def test_the_enrolling_lab_three_gateways_failover_and_withdrawal(lab_factory):
+    """`hatun lab up --enroll`: hatun enrolls at three gateways with the lab's job tokens (no key in
+    its config), traffic reaches the LAN through each, a killed gateway's peer comes back when its
+    WireGuard does, the others keep their flows, and `hatun down` withdraws every enrollment."""
+    from hatun.lab import enroll, topology
+    from hatun.lab.process import HatunProcess
+    from tests.labutil import hatun_cli
+
+    lab = lab_factory(3, enroll=True)
+    assert "private_key" not in open(lab.config_path).read()
+    env = enroll.runner_environment(lab)
+    hatun = HatunProcess(lab, env=env).start(wait_ready=False)
+    try:
+        hatun.wait(lambda s: len(s["route"]["members"]) == 3, 30, "three enrolled tunnels in the route")
+        seen = set()
+        for _ in range(40):
+            out = ns_exec(lab.runner, "curl", "-s", "--max-time", "3", "http://198.19.77.200/", check=False).stdout
+            seen |= {w for w in ("gw1", "gw2", "gw3") if f"via gateway {w} " in out}
+            if len(seen) == 3:
+                break
+        assert seen == {"gw1", "gw2", "gw3"}, seen
+        trio.run(topology.lab_fail, lab.name, "gw2", "kill")
+        hatun.wait(lambda s: s["route"]["members"] == ["gw1", "gw3"], 15, "gw2 out")
+        trio.run(topology.lab_heal, lab.name, "gw2")
+        hatun.wait(lambda s: len(s["route"]["members"]) == 3, 30, "gw2 back (its peer added again)")
+    finally:
+        res = hatun_cli(lab.runner, "down", lab.config_path)
+    assert res.returncode == 0, res.stderr
+    for i in (1, 2, 3):
+        assert ns_exec(lab.gw_ns(i), "wg", "show", lab.gw_ifname(i), "peers").stdout.strip() == ""

@@ -22,6 +22,10 @@ class DeletingBackend(NullBackend):
         self.deleted.append(ifname)
 
 
+async def _as_read(config, secrets):
+    return config, secrets
+
+
 class FakeSupervisor:
     """What the reloader uses of a supervisor, around runners that are not started."""
 
@@ -30,6 +34,7 @@ class FakeSupervisor:
 
         self.config_path = path
         self.config, self.secrets = load_config(path)
+        self.resolve = _as_read
         self.layout = Layout.from_routing(self.config.routing)
         self.rtnl = FakeKernel()
         self.backend = DeletingBackend()

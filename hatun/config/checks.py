@@ -95,6 +95,11 @@ class _Table:
         return [_valid(adapter, v) for v in value]
 
 
+# What an enrolled tunnel gets from its gateway's enrollment service (and so must not give itself).
+ENROLLED_KEYS = frozenset({"private_key_file", "private_key_env", "preshared_key_file", "preshared_key_env",
+                           "address", "peer_public_key", "endpoint"})
+
+
 @dataclass
 class _LooseTunnel:
     """The parts of a tunnel table that validate on their own."""
@@ -110,6 +115,7 @@ class _LooseTunnel:
     psk_file: str | None
     psk_env: str | None
     listen_port: int | None
+    given: frozenset[str]  # the keys the table has (valid or not)
     addresses: list[Any]
     probe_given: bool
     probe: Probe | None
@@ -140,6 +146,7 @@ def _loose_tunnels(raw: dict[str, Any]) -> list[_LooseTunnel]:
             psk_file=t.get("preshared_key_file"),
             psk_env=t.get("preshared_key_env"),
             listen_port=t.get("listen_port"),
+            given=frozenset(k for k in table if isinstance(k, str)),
             addresses=[a for a in t.items("address", Interface, one_or_many=True) if a is not None],
             probe_given=t.given("probe"),
             probe=t.get("probe"),
@@ -193,6 +200,13 @@ def semantic_problems(raw: dict[str, Any]) -> list[Problem]:
     problems: list[Problem] = _health_problems(raw)
     tunnels = _loose_tunnels(raw)
     routing = _Table(Routing, raw.get("routing"))
+    if any("enroll" in t.given for t in tunnels):
+        if routing.get("source"):
+            problems.append(Problem("routing.source", "not with enrolled tunnels: each gateway knows only the address"
+                                    " it handed out, so hatun masquerades each tunnel's traffic to it; remove source"))
+        if routing.get("pin_flows") is False:
+            problems.append(Problem("routing.pin_flows", "enrolled tunnels need it: the masquerading to each"
+                                    " tunnel's address lives in hatun's nftables table"))
 
     seen_names: dict[str, int] = {}
     seen_ifnames: dict[str, int] = {}
@@ -219,7 +233,19 @@ def semantic_problems(raw: dict[str, Any]) -> list[Problem]:
                     problems.append(Problem(f"tunnels[{i}].interface", f"interface name '{t.ifname}' already used by tunnels[{seen_ifnames[t.ifname]}]"))
             else:
                 seen_ifnames[t.ifname] = i
-        if t.key_file_given == t.key_env_given:
+        if "enroll" in t.given:
+            for key in sorted(ENROLLED_KEYS & t.given):
+                problems.append(Problem(f"tunnels[{i}].{key}", "comes from the enrollment (enroll is set): remove it"))
+            if "enroll_audience" not in t.given:
+                problems.append(Problem(f"tunnels[{i}].enroll_audience",
+                                        "required with enroll: the `aud` the gateway's enrollment service accepts"))
+        else:
+            for key in ("address", "peer_public_key", "endpoint"):
+                if key not in t.given:
+                    problems.append(Problem(f"tunnels[{i}].{key}", "required key missing"))
+            for key in sorted({"enroll_audience", "enroll_pin"} & t.given):
+                problems.append(Problem(f"tunnels[{i}].{key}", "only with enroll"))
+        if "enroll" not in t.given and t.key_file_given == t.key_env_given:
             problems.append(Problem(
                 f"tunnels[{i}]",
                 "exactly one of private_key_file and private_key_env must be set"

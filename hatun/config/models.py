@@ -14,6 +14,8 @@ from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, PrivateAttr,
 
 from hatun.config.values import (
     DEFAULT_INTERFACE_PREFIX,
+    CertPin,
+    EnrollUrl,
     AbsolutePath,
     Duration,
     EndpointField,
@@ -224,11 +226,20 @@ class Tunnel(_Model):
         None, description="file holding the preshared key shared with this gateway (mode 0600; optional)")
     preshared_key_env: EnvName | None = Field(
         None, description="environment variable holding the preshared key shared with this gateway (optional)")
+    # Required unless the tunnel enrolls (then the enrollment answers them): see checks.semantic_problems.
     address: Annotated[list[Interface], BeforeValidator(_one_or_many)] = Field(
-        ..., min_length=1, description="this host's address(es) inside the tunnel, with prefix length"
+        default_factory=list, description="this host's address(es) inside the tunnel, with prefix length"
     )
-    peer_public_key: PeerKey = Field(..., description="the gateway's public key (base64)")
-    endpoint: EndpointField = Field(..., description="the gateway: IPv4:port, [IPv6]:port or dns-name:port")
+    peer_public_key: PeerKey | None = Field(None, description="the gateway's public key (base64)")
+    endpoint: EndpointField | None = Field(None, description="the gateway: IPv4:port, [IPv6]:port or dns-name:port")
+    enroll: EnrollUrl | None = Field(
+        None, description="keyless: the gateway's enrollment service (https://HOST:PORT); the private key (made in"
+        " memory), address, peer key and endpoint come from enrolling there with the CI job's OIDC token")
+    enroll_audience: str | None = Field(None, min_length=1, max_length=200,
+                                        description="the `aud` the gateway's enrollment service accepts")
+    enroll_pin: CertPin | None = Field(
+        None, description="SHA-256 of the enrollment service's certificate (hex, ':' allowed): trusted instead of"
+        " the system's CAs")
     weight: int = Field(1, ge=1, le=256, description="share of flows")
     priority: int = Field(0, ge=0, le=1000, description="tier: a worse (higher) tier is used only while every better tier is down")
     keepalive: int | None = Field(None, ge=0, le=65535, description="persistent keepalive seconds (0 or unset: off)")
@@ -249,7 +260,13 @@ class Tunnel(_Model):
 
     @property
     def peer_key(self) -> PublicKey:
+        assert self.peer_public_key is not None, "an enrolled tunnel's peer key is known once it enrolled"
         return PublicKey.from_base64(self.peer_public_key)
+
+    @property
+    def enrolled(self) -> bool:
+        """Keyless: its key, address, peer and endpoint come from an enrollment service."""
+        return self.enroll is not None
 
     @property
     def probe_target(self) -> Probe:

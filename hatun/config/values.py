@@ -562,3 +562,33 @@ def _listen(value: str | None) -> str | None:
 
 
 Listen = Annotated[str, AfterValidator(_listen)]
+
+
+def _enroll_url(value: str) -> str:
+    from urllib.parse import urlsplit
+
+    parts = urlsplit(value)
+    host = parts.hostname or ""
+    if parts.scheme not in ("https", "http") or not host:
+        raise ValueError("expected https://HOST:PORT of the gateway's enrollment service")
+    if parts.scheme == "http":
+        try:
+            loopback = host == "localhost" or ipaddress.ip_address(host).is_loopback
+        except ValueError:
+            loopback = False
+        if not loopback:
+            raise ValueError("http:// only on a loopback address (labs, tests): the token must not travel in clear")
+    if parts.query or parts.fragment or parts.username or parts.password or parts.path not in ("", "/"):
+        raise ValueError("just https://HOST:PORT (no path, query or user)")
+    return value.rstrip("/")
+
+
+def _cert_pin(value: str) -> str:
+    digits = value.lower().removeprefix("sha256:").replace(":", "")
+    if len(digits) != 64 or any(c not in "0123456789abcdef" for c in digits):
+        raise ValueError("expected the SHA-256 of the certificate: 64 hex digits (':' between pairs allowed)")
+    return digits
+
+
+EnrollUrl = Annotated[str, AfterValidator(_enroll_url)]
+CertPin = Annotated[str, AfterValidator(_cert_pin)]

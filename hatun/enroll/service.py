@@ -27,6 +27,7 @@ log = logging.getLogger("hatun.enroll")
 audit = logging.getLogger("hatun.enroll.audit")
 
 EXPIRY_CHECK = 1.0  # seconds between looks for expired peers
+RECONCILE_EVERY = 3  # ... and every this many looks, for enrolled peers the device lost
 RATE_WINDOW = 60.0
 MAX_TRACKED = 10000  # rate-limit entries kept (oldest dropped first)
 
@@ -86,12 +87,7 @@ class EnrollService:
         """Read the state file and make the device hold exactly its live peers (others untouched)."""
         for problem in self.registry.load(self.config.state_file, self.now()):
             log.warning("state file: %s", safe_text(problem))
-        on_device = await self.device.peers()
-        for peer in list(self.registry.peers.values()):
-            if peer.expires > self.now() and PublicKey.from_base64(peer.public_key) not in on_device:
-                await self.device.add(PublicKey.from_base64(peer.public_key), peer.address)
-                log.info("restored peer %s (%s, %s) until %s", peer.public_key, peer.address,
-                         safe_text(peer.repository), _when(peer.expires))
+        await self.reconcile()
         await self.expire()
 
     # --- requests ---
@@ -163,14 +159,30 @@ class EnrollService:
     # --- expiry ---
 
     async def serve_expiry(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
-        """Remove expired peers within about EXPIRY_CHECK seconds of their expiry, forever."""
+        """Remove expired peers within about EXPIRY_CHECK seconds of their expiry, and put back
+        enrolled peers the device lost (its WireGuard restarted), forever."""
         task_status.started()
+        n = 0
         while True:
             await trio.sleep(EXPIRY_CHECK)
+            n += 1
             try:
                 await self.expire()
+                if n % RECONCILE_EVERY == 0:
+                    await self.reconcile()
             except (WireGuardError, OSError) as e:  # the device or disk: try again next time
                 log.error("expiry: %s", e)
+
+    async def reconcile(self) -> None:
+        """Enrolled, unexpired peers missing on the device are added again (others are left alone)."""
+        async with self._lock:
+            on_device = await self.device.peers()
+            for peer in list(self.registry.peers.values()):
+                key = PublicKey.from_base64(peer.public_key)
+                if peer.expires > self.now() and key not in on_device:
+                    await self.device.add(key, peer.address)
+                    log.info("peer %s (%s) was missing on %s: added again", peer.public_key, peer.address,
+                             self.device.ifname)
 
     async def expire(self) -> list[Peer]:
         async with self._lock:

@@ -20,6 +20,7 @@ import shutil
 import signal
 import statistics
 import subprocess
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -30,7 +31,7 @@ from hatun.lab import topology, traffic
 from hatun.lab.process import HatunProcess
 from hatun.lab.topology import Lab
 
-SCENARIOS = ("failover", "gray", "saturation", "drain", "restart", "weights", "throughput", "scale")
+SCENARIOS = ("failover", "gray", "saturation", "drain", "restart", "weights", "throughput", "scale", "enroll")
 SLOW = 1.0  # set by run_bench: health timings x SLOW, packet rates / SLOW (emulated CPUs)
 
 
@@ -598,9 +599,39 @@ def _restore_inotify() -> None:
             f.write(_inotify_saved.pop())
 
 
+async def bench_enroll(report: Report, backend: str, runs: int, quick: bool) -> None:
+    """`hatun up` to every tunnel in service, keyless: job tokens from the lab's issuer, enrollment at
+    3 gateways (HTTPS, pinned), tunnels up, probes passing; then `hatun down` withdrawing them."""
+    from hatun.lab import enroll
+
+    up = report.figure("enroll", "hatun up to 3 tunnels in service, enrolling at 3 gateways", "s")
+    down = report.figure("enroll", "hatun down, withdrawing 3 enrollments", "s")
+    name = f"be{os.getpid() % 10000}"
+    await topology.lab_down(name)
+    lab = await topology.lab_up(name, 3, backend, False, True)
+    env = {**os.environ, **enroll.runner_environment(lab)}
+
+    def timed(*args: str) -> float:
+        t0 = time.monotonic()
+        res = subprocess.run(["ip", "netns", "exec", lab.runner, sys.executable, "-m", "hatun", *args],
+                             capture_output=True, text=True, timeout=120, env=env)
+        if res.returncode != 0:
+            raise RuntimeError(f"hatun {args[0]}: {(res.stdout + res.stderr).strip()[-300:]}")
+        return time.monotonic() - t0
+
+    try:
+        for _ in range(runs):
+            up.values.append(await _thread(timed, "up", lab.config_path, "--wait", "60", "--min-healthy", "3"))
+            down.values.append(await _thread(timed, "down", lab.config_path))
+    finally:
+        with trio.CancelScope(shield=True):
+            await topology.lab_down(name)
+
+
 RUNNERS: dict[str, Callable] = {
     "failover": bench_failover, "gray": bench_gray, "saturation": bench_saturation, "drain": bench_drain,
     "restart": bench_restart, "weights": bench_weights, "throughput": bench_throughput, "scale": bench_scale,
+    "enroll": bench_enroll,
 }
 
 

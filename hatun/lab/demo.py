@@ -130,7 +130,7 @@ def _traffic_line(by: dict[str, int], lost: int, live: Live) -> str:
 
 
 async def run_demo(show: Callable[[str], None], *, name: str = "demo", duration: float = 60.0,
-                   backend: str = "auto") -> dict:
+                   backend: str = "auto", enroll: bool = False) -> dict:
     """Run the demo for DURATION seconds; returns a summary. Cleans up whatever happens."""
     events: deque[str] = deque(maxlen=6)
     t0 = time.monotonic()
@@ -139,13 +139,20 @@ async def run_demo(show: Callable[[str], None], *, name: str = "demo", duration:
         events.append(f"{time.monotonic() - t0:5.1f}s  {text}")
 
     topology.require_root()
-    event("building the lab: a runner, 3 gateways, a private LAN")
+    event("building the lab: a runner, 3 gateways, a private LAN"
+          + (", an OIDC issuer and an enrollment service per gateway" if enroll else ""))
     await topology.lab_down(name)
-    lab = await topology.lab_up(name, 3, backend, False)
+    lab = await topology.lab_up(name, 3, backend, False, enroll)
     proc = None
     summary: dict = {}
     try:
-        hatun = HatunProcess(lab, log_path=os.path.join(lab.dir, "hatun.log"), args=())
+        env = None
+        if enroll:
+            from hatun.lab.enroll import runner_environment
+
+            env = runner_environment(lab)  # what a GitHub job with `id-token: write` has
+            event("hatun enrolls at each gateway with the job's OIDC token (no key in the config)")
+        hatun = HatunProcess(lab, log_path=os.path.join(lab.dir, "hatun.log"), args=(), env=env)
         hatun.start(wait_ready=False)
         proc = hatun.proc
         event(f"hatun started in {lab.runner} (log: {lab.dir}/hatun.log)")

@@ -120,7 +120,8 @@ class IssuerApp:
             return 200, self.key.jwks()
         if path == "/token":
             auth = dict(scope.get("headers") or ()).get(b"authorization", b"").decode("latin-1")
-            if auth.lower() != f"bearer {self.request_token}":
+            scheme, _, given = auth.partition(" ")
+            if scheme.lower() != "bearer" or not secrets.compare_digest(given.strip(), self.request_token):
                 return 401, {"message": "bad request token"}
             audience = parse_qs(scope.get("query_string", b"").decode()).get("audience", [""])[0]
             if not audience:

@@ -66,6 +66,7 @@ class Lab:
     ipv6: bool = False
     pids: dict[str, int] = field(default_factory=dict)  # process label -> pid (service host...)
     failed: dict[str, str] = field(default_factory=dict)  # gateway -> failure mode
+    enroll: bool = False  # keyless runners: gateways enroll the runner (hatun.lab.enroll)
 
     @property
     def dir(self) -> str:
@@ -243,9 +244,15 @@ async def _start_gateway_wireguard(lab: Lab, i: int) -> None:
         return
     path = gateway_config_path(lab, i)
     os.makedirs(os.path.dirname(path), mode=0o700, exist_ok=True)
+    if lab.enroll:
+        from hatun.lab import enroll
+
+        text = enroll.gateway_wg_quick(lab, i, os.path.join(lab.dir, f"gw{i}.key"), str(LAN))
+    else:
+        text = gateway_config(lab, i)
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     with os.fdopen(fd, "w") as f:
-        f.write(gateway_config(lab, i))
+        f.write(text)
     # What a killed gateway left behind: its nftables table (PostDown never ran).
     await run(["ip", "netns", "exec", ns, "nft", "delete", "table", "inet", f"hatun_{ifname}"], check=False)
     env = ["WG_QUICK_USERSPACE_IMPLEMENTATION=wireguard-go"] if lab.backend == "userspace" else []
@@ -258,7 +265,8 @@ async def _start_gateway_wireguard(lab: Lab, i: int) -> None:
 def config_text(lab: Lab, health: dict[str, str] | None = None, extra_routing: dict[str, str] | None = None) -> str:
     prefixes = [str(LAN)] + ([str(LAN6)] if lab.ipv6 else [])
     sources = [SOURCE] + ([SOURCE6] if lab.ipv6 else [])
-    routing = {"prefixes": json.dumps(prefixes), "source": json.dumps(sources), **(extra_routing or {})}
+    routing = {"prefixes": json.dumps(prefixes), **({} if lab.enroll else {"source": json.dumps(sources)}),
+               **(extra_routing or {})}
     health = {"profile": '"default"', **(health or {})}
     lines = [
         f"# hatun config for lab {lab.name!r}, written by `hatun lab up`.",
@@ -279,6 +287,13 @@ def config_text(lab: Lab, health: dict[str, str] | None = None, extra_routing: d
         f'socket = "{lab.control_socket}"',
         "",
     ]
+    if lab.enroll:
+        from hatun.lab import enroll
+
+        pins = enroll.pins(lab)
+        for i in range(1, lab.gateways + 1):
+            lines += enroll.tunnel_lines(lab, i, pins[i], underlay(i)[1].split("/")[0])
+        return "\n".join(lines)
     for i in range(1, lab.gateways + 1):
         net = tunnel_net(i)
         gw_public = load_private_key_file(os.path.join(lab.dir, f"gw{i}.key")).public_key
@@ -306,13 +321,19 @@ def write_config(lab: Lab, path: str | None = None, **kwargs) -> str:
     return path
 
 
-async def lab_up(name: str = "lab", gateways: int = 3, backend: str = "auto", ipv6: bool = False) -> Lab:
-    """Build lab NAME with GATEWAYS gateways. Raises LabError (with what to do) on any problem,
-    after removing what was already built."""
+async def lab_up(name: str = "lab", gateways: int = 3, backend: str = "auto", ipv6: bool = False,
+                 enroll: bool = False) -> Lab:
+    """Build lab NAME with GATEWAYS gateways (ENROLL: keyless, see hatun.lab.enroll). Raises
+    LabError (with what to do) on any problem, after removing what was already built."""
     require_root()
     check_name(name)
     if not 1 <= gateways <= MAX_GATEWAYS:
         raise LabError(f"--gateways must be 1..{MAX_GATEWAYS}")
+    if enroll:
+        from hatun.lab.enroll import MAX_GATEWAYS as ENROLL_MAX
+
+        if gateways > ENROLL_MAX or ipv6:
+            raise LabError(f"--enroll: at most {ENROLL_MAX} gateways, IPv4 only")
     if existing_namespaces(name):
         raise LabError(f"lab {name!r} is already up (hatun lab down --name {name} removes it)")
     from hatun.wireguard import select_backend
@@ -323,15 +344,24 @@ async def lab_up(name: str = "lab", gateways: int = 3, backend: str = "auto", ip
         raise LabError(f"the lab needs WireGuard: {e}") from None
     if kind == "userspace":
         check_inotify(2 * gateways)
-    lab = Lab(name, gateways, kind, ipv6)
+    lab = Lab(name, gateways, kind, ipv6, enroll=enroll)
     os.makedirs(lab.dir, mode=0o700, exist_ok=True)
     os.makedirs(os.path.join(lab.dir, "run"), mode=0o700, exist_ok=True)
     try:
         await _build(lab)
+        if enroll:
+            from hatun.lab import enroll as enrollment
+
+            enrollment.prepare(lab, lambda i: underlay(i)[1].split("/")[0])
         for i in range(1, gateways + 1):
             await _start_gateway_wireguard(lab, i)
         await _start_services(lab)
         await _wait_lan(lab)
+        if enroll:
+            try:
+                await enrollment.start(lab, run)
+            except RuntimeError as e:
+                raise LabError(str(e)) from None
         write_config(lab)
         lab.save()
     except BaseException:

@@ -32,8 +32,8 @@ from urllib.parse import quote, urlsplit
 import h11
 import trio
 
-from hatun.config import Config, Secrets, Tunnel
-from hatun.config.values import parse_endpoint
+from hatun.config import Config, Secrets, Tunnel, default_peer_address
+from hatun.config.values import parse_endpoint, parse_probe
 from hatun.keys import InvalidKey, PrivateKey, PublicKey, TunnelKeys
 from hatun.logs import safe_text
 
@@ -145,16 +145,47 @@ async def request(url: str, method: str, path: str, token: str, body: dict | Non
     return status, doc if isinstance(doc, dict) else {}
 
 
-def answer_problem(e: Enrolled, prefixes: list) -> str | None:
+def _bracket(ip) -> str:
+    return f"[{ip}]" if ip.version == 6 else str(ip)
+
+
+def host_routes() -> list:
+    """The destinations of this host's main-table routes (what /proc/net/route and ipv6_route list)."""
+    out: list = []
+    try:
+        with open("/proc/net/route") as f:
+            for line in list(f)[1:]:
+                parts = line.split()
+                if len(parts) >= 8:
+                    dst = ipaddress.IPv4Address(int(parts[1], 16).to_bytes(4, "little"))
+                    mask = bin(int(parts[7], 16)).count("1")
+                    out.append(ipaddress.ip_network(f"{dst}/{mask}", strict=False))
+        with open("/proc/net/ipv6_route") as f:
+            for line in f:
+                parts = line.split()
+                if len(parts) >= 2:
+                    out.append(ipaddress.ip_network(f"{ipaddress.IPv6Address(bytes.fromhex(parts[0]))}/"
+                                                    f"{int(parts[1], 16)}", strict=False))
+    except (OSError, ValueError):
+        pass
+    return out
+
+
+def answer_problem(e: Enrolled, prefixes: list, routes: list = ()) -> str | None:
     """What is wrong with a gateway's answer (it is input from the network), or None."""
     a = e.address
-    if a.ip.is_loopback or a.ip.is_multicast or a.ip.is_unspecified or a.ip.is_link_local:
+    if a.ip.is_loopback or a.ip.is_multicast or a.ip.is_unspecified or a.ip.is_link_local or (
+            a.version == 6 and (a.ip.ipv4_mapped is not None or a.ip.sixtofour is not None)):
         return f"an address hatun will not use ({a.ip})"
-    if a.network.prefixlen < (16 if a.version == 4 else 48) or a.ip in (a.network.network_address,
-                                                                       a.network.broadcast_address):
-        return f"an address that is not one host of a tunnel subnet ({a})"
+    # Its subnet becomes a connected route on the tunnel: small, and shadowing nothing this host routes.
+    if a.network.prefixlen < (24 if a.version == 4 else 112) or a.ip in (a.network.network_address,
+                                                                        a.network.broadcast_address):
+        return f"an address that is not one host of a small tunnel subnet (/24 or /112 at most) ({a})"
     if any(a.network.overlaps(p) for p in prefixes if p.version == a.version):
         return f"an address inside the steered prefixes ({a})"
+    for route in routes:
+        if route.version == a.version and route.prefixlen > 0 and a.network.overlaps(route):
+            return f"a subnet that overlaps this host's route to {route} ({a})"
     if e.expires <= 0:
         return "no expiry"
     return None
@@ -168,16 +199,27 @@ class Enrollments:
         self.cafile = cafile or os.environ.get("HATUN_ENROLL_CAFILE") or None
         self.done: dict[str, Enrolled] = {}
         self.prefixes: list = []  # the steered prefixes: no gateway may hand out an address in them
+        self.enrolling: bool | None = None  # the config has enrolled tunnels (known after the first resolve)
 
     async def resolve(self, config: Config, secrets: Secrets) -> tuple[Config, Secrets]:
         """CONFIG with every enrolled tunnel filled in from its enrollment (made now where missing),
         and SECRETS with their keys. Tunnels whose gateway did not answer are left out; raises
         EnrollError when every enrolled tunnel failed and nothing else remains."""
         wanted = [t for t in config.tunnels if t.enrolled]
+        if self.enrolling is None:
+            self.enrolling = bool(wanted)
+        elif self.enrolling != bool(wanted):
+            raise EnrollError("a reload cannot switch between enrolled and keyed tunnels only (the masquerading"
+                              " of enrolled tunnels is set up at start): restart hatun")
         if not wanted:
             return config, secrets
         self.prefixes = list(config.routing.prefixes)
-        todo = [t for t in wanted if t.name not in self.done or not self.done[t.name].same_request(t)]
+        changed = [t.name for t in wanted if t.name in self.done and not self.done[t.name].same_request(t)]
+        if changed:
+            # Re-enrolling would withdraw the running peer before the reload is known to succeed.
+            raise EnrollError(f"the enroll settings of running tunnel(s) {', '.join(changed)} changed: restart"
+                              " hatun to enroll them anew")
+        todo = [t for t in wanted if t.name not in self.done]
         failures: dict[str, str] = {}
         if todo:
             async with trio.open_nursery() as nursery:
@@ -189,8 +231,11 @@ class Enrollments:
                 tunnels.append(t)
             elif t.name in self.done and t.name not in failures:
                 e = self.done[t.name]
-                tunnels.append(t.model_copy(update={"address": [e.address], "peer_public_key": e.peer.base64,
-                                                    "endpoint": parse_endpoint(e.endpoint)}))
+                update = {"address": [e.address], "peer_public_key": e.peer.base64,
+                          "endpoint": parse_endpoint(e.endpoint)}
+                if t.probe is None:
+                    update["probe"] = parse_probe(f"icmp://{_bracket(default_peer_address(e.address))}")
+                tunnels.append(t.model_copy(update=update))
                 keys[t.name] = TunnelKeys(e.key)
         if not tunnels:
             raise EnrollError("no tunnel enrolled: " + "; ".join(f"{n}: {w}" for n, w in failures.items()))
@@ -210,7 +255,8 @@ class Enrollments:
                                 ipaddress.ip_interface(str(doc["address"])),
                                 PublicKey.from_base64(str(doc["gateway_public_key"])),
                                 str(parse_endpoint(str(doc["endpoint"]))), int(doc["expires"]))
-            problem = answer_problem(enrolled, self.prefixes)
+            problem = answer_problem(enrolled, self.prefixes, [r for r in host_routes()
+                                                                if not any(r == a.network for a in t.address)])
             if problem:
                 raise EnrollError(f"{t.enroll} answered {problem}: not used")
         except trio.TooSlowError:

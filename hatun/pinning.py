@@ -49,9 +49,14 @@ def _rules_json(table: str, mask: int, snat: bool = False) -> list[dict]:
             {"mangle": {"key": {"meta": {"key": "mark"}}, "value": {"&": [{"ct": {"key": "mark"}}, mask]}}},
         ]}}
 
+    # Leaving through a tunnel: the flow is pinned to it (unless someone else uses its ct mark). With
+    # masquerading, only its first packet pins it: the flow carries that tunnel's address for good,
+    # so while that tunnel is out its packets are lost elsewhere, and it resumes when the tunnel returns
+    # (re-pinned to another tunnel, it would stay broken there).
+    first_only = [{"match": {"op": "==", "left": {"&": [{"ct": {"key": "mark"}}, mask]}, "right": 0}}] if snat else []
     save = {"rule": {"family": fam, "table": table, "chain": "postrouting", "expr": [
-        # Leaving through a tunnel: the flow is pinned to it (unless someone else uses its ct mark).
         {"match": {"op": "==", "left": {"&": [{"ct": {"key": "mark"}}, not_mask]}, "right": 0}},
+        *first_only,
         {"mangle": {"key": {"ct": {"key": "mark"}},
                     "value": {"map": {"key": {"meta": {"key": "oifname"}}, "data": f"@{MAP}"}}}},
     ]}}

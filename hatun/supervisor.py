@@ -133,7 +133,8 @@ class Supervisor:
                                           our_sources=set(self.state.sources), state_path=self.rundir.state_path)
             if problems:
                 raise SupervisorError("; ".join(problems))
-            pinning = (Pinning(cfg.routing.nft_table, cfg.routing.fwmark_mask, snat=not cfg.routing.source)
+            # Enrolled tunnels (no shared source): new flows are masqueraded to their tunnel's address.
+            pinning = (Pinning(cfg.routing.nft_table, cfg.routing.fwmark_mask, snat=any(t.enrolled for t in cfg.tunnels))
                        if cfg.routing.pin_flows else None)
             router = Router(self.rtnl, lay, self.lo_index, pinning)
             mode = await choose_mode(self.rtnl, lay, cfg.routing.mode)

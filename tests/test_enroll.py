@@ -13,6 +13,7 @@ import os
 
 import jwt
 import pytest
+import trio
 
 from hatun.enroll.models import EnrollServer
 from hatun.enroll.registry import Registry
@@ -147,7 +148,9 @@ class FakeDevice:
         self.peers_now.pop(key, None)
 
     async def peers(self):
-        return set(self.peers_now)
+        import ipaddress as ip
+
+        return {k: (ip.ip_network(f"{a}/32"),) for k, a in self.peers_now.items()}
 
     async def public_key(self):
         return self.key
@@ -280,19 +283,63 @@ async def test_unenroll_needs_the_same_repository_and_run(tmp_path):
 
 
 def test_hostile_state_file_is_skipped_not_trusted(tmp_path):
-    reg = Registry([__import__("ipaddress").ip_address("198.18.200.2")])
+    import ipaddress as ip
+
+    reg = Registry([ip.ip_address("198.18.200.2")])
     good = PrivateKey.generate().public_key.base64
     (tmp_path / "s.json").write_text(json.dumps({"version": 1, "peers": [
-        {"public_key": "nope", "address": "198.18.200.2", "expires": 1e12},
-        {"public_key": good, "address": "10.0.0.1", "expires": 1e12},
+        {"public_key": "nope", "address": "198.18.200.2", "expires": 1000},
+        {"public_key": good, "address": "10.0.0.1", "expires": 1000},
         {"public_key": good, "address": "198.18.200.2", "expires": "never"},
         "garbage",
-        {"public_key": good, "address": "198.18.200.2", "expires": 1e12, "repository": "r"},
-    ], "used_jtis": {"a": 1e12, "b": "x"}}))
-    skipped = reg.load(str(tmp_path / "s.json"), now=0)
-    assert len(skipped) == 4 and list(reg.peers) == [good] and reg.used_jtis == {"a": 1e12}
-    (tmp_path / "s.json").write_bytes(b"\xff\x00not json")
-    assert Registry([]).load(str(tmp_path / "s.json")) == [f"{tmp_path}/s.json: not JSON, ignored"]
+        {"public_key": good, "address": "198.18.200.2", "expires": 1e12},  # beyond max_ttl: not believed
+        {"public_key": good, "address": "198.18.200.2", "expires": 1000, "repository": "r"},
+    ], "used_jtis": {"a": 500, "b": "x", "c": 1e12}}))
+    skipped = reg.load(str(tmp_path / "s.json"), now=0, max_ttl=3600)
+    assert len(skipped) == 5 and list(reg.peers) == [good] and reg.used_jtis == {"a": 500}
+    for doc, why in ((b"\xff\x00not json", "not JSON"), (b'{"version": 1, "peers": 5}', "peers is not a list"),
+                     (b'{"version": true, "peers": []}', "not a state file"),
+                     (b'{"version": 1, "peers": [{"public_key": "' + good.encode() + b'", "address": "198.18.200.2",'
+                      b' "expires": Infinity}]}', "")):
+        (tmp_path / "s.json").write_bytes(doc)
+        reg = Registry([ip.ip_address("198.18.200.2")])
+        problems = reg.load(str(tmp_path / "s.json"), now=0)
+        assert why in " ".join(problems) and not reg.peers, (doc, problems)
+
+
+def test_keys_and_addresses_of_the_gateways_own_peers_are_never_taken(tmp_path):
+    import ipaddress as ip
+
+    svc, dev, _ = service(tmp_path)
+    static = PrivateKey.generate().public_key
+    dev.peers_now[static] = "198.18.200.2"  # a peer the gateway has of its own, inside the pool
+    with pytest.raises(Refused) as info:
+        await_(svc.enroll(KEY.mint(AUD), body(static), "c"))
+    assert info.value.status == 409 and dev.peers_now[static] == "198.18.200.2"
+    with pytest.raises(Refused) as info:
+        await_(svc.enroll(KEY.mint(AUD), body(dev.key), "c"))
+    assert info.value.status == 409
+    answer = await_(svc.enroll(KEY.mint(AUD), body(), "c"))
+    assert answer["address"] == "198.18.200.3/24", "the static peer's address is skipped"
+    assert dev.peers_now[static] == "198.18.200.2" and ip.ip_address("198.18.200.2")
+
+
+def test_one_job_cannot_take_the_whole_pool(tmp_path):
+    svc, dev, _ = service(tmp_path, max_peers_per_job=2, max_peers_per_repository=3, rate_per_repository=100)
+    for _ in range(2):
+        await_(svc.enroll(KEY.mint(AUD), body(), "c"))
+    with pytest.raises(Refused) as info:
+        await_(svc.enroll(KEY.mint(AUD), body(), "c"))
+    assert info.value.status == 429 and "this job" in info.value.reason
+    await_(svc.enroll(KEY.mint(AUD, run_id="5"), body(), "c"))
+    with pytest.raises(Refused) as info:
+        await_(svc.enroll(KEY.mint(AUD, run_id="6"), body(), "c"))
+    assert info.value.status == 429 and "this repository" in info.value.reason
+    assert len(dev.peers_now) == 3
+
+
+def await_(coro):
+    return trio.run(lambda: coro)
 
 
 def test_rules_and_config_checks(tmp_path):
@@ -429,7 +476,9 @@ def test_enrolled_tunnel_mistakes(text, where, message):
 
 @pytest.mark.parametrize("address, bad", [
     ("198.18.200.2/24", False), ("127.0.0.2/8", True), ("0.0.0.0/0", True), ("198.18.200.0/24", True),
-    ("198.19.77.5/24", True), ("10.0.0.2/8", True), ("fe80::2/64", True), ("2001:2:200::2/64", False),
+    ("198.19.77.5/24", True), ("10.0.0.2/8", True), ("168.63.129.1/16", True), ("fe80::2/64", True),
+    ("2001:2:200::2/112", False), ("2001:2:200::2/64", True), ("::ffff:10.20.0.5/120", True),
+    ("198.18.61.5/24", True),  # overlaps a route this host has
 ])
 def test_a_gateways_answer_is_checked_before_use(address, bad):
     import ipaddress as ip
@@ -438,4 +487,5 @@ def test_a_gateways_answer_is_checked_before_use(address, bad):
 
     e = Enrolled("https://gw", "a", None, PrivateKey.generate(), ip.ip_interface(address),
                  PrivateKey.generate().public_key, "198.18.1.2:51820", 1_900_000_000)
-    assert (answer_problem(e, [ip.ip_network("198.19.77.0/24")]) is not None) == bad
+    routes = [ip.ip_network("0.0.0.0/0"), ip.ip_network("198.18.61.0/30")]
+    assert (answer_problem(e, [ip.ip_network("198.19.77.0/24")], routes) is not None) == bad

@@ -25,8 +25,8 @@ class PeerDevice(Protocol):
     async def remove(self, key: PublicKey) -> None:
         """Peer KEY is gone (a missing peer is not an error)."""
 
-    async def peers(self) -> set[PublicKey]:
-        """The device's peers now."""
+    async def peers(self) -> dict[PublicKey, tuple]:
+        """The device's peers now, with the networks each may send from."""
 
     async def public_key(self) -> PublicKey:
         """The device's own public key; WireGuardError when it has no private key yet."""
@@ -56,8 +56,8 @@ class UserspacePeers:
     async def remove(self, key: PublicKey) -> None:
         await uapi.set(self.ifname, [f"public_key={key.hex}", "remove=true"], socket_dir=self.socket_dir)
 
-    async def peers(self) -> set[PublicKey]:
-        return {p.public_key for p in (await uapi.get(self.ifname, socket_dir=self.socket_dir)).peers}
+    async def peers(self) -> dict[PublicKey, tuple]:
+        return {p.public_key: p.allowed_ips for p in (await uapi.get(self.ifname, socket_dir=self.socket_dir)).peers}
 
     async def public_key(self) -> PublicKey:
         return _own_key(self.ifname, await uapi.get(self.ifname, socket_dir=self.socket_dir))
@@ -79,7 +79,7 @@ class KernelPeers:
         status = await self.backend.get(self.ifname, with_link=False)
         if status is None:
             raise WireGuardError(f"{self.ifname}: no such WireGuard device")
-        return {p.public_key for p in status.peers}
+        return {p.public_key: p.allowed_ips for p in status.peers}
 
     async def public_key(self) -> PublicKey:
         return _own_key(self.ifname, await self.backend.get(self.ifname, with_link=False))

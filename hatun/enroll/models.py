@@ -63,11 +63,14 @@ class EnrollServer(_Model):
     interface: InterfaceName = Field(..., description="this gateway's WireGuard device (kernel or wireguard-go)")
     endpoint: EndpointField = Field(..., description="what runners dial: host:port of this gateway's WireGuard")
     pool: Network = Field(..., description="tunnel addresses handed out, one per enrolled runner")
-    max_ttl: Duration = Field(21600.0, description="an enrolled peer is removed at its expiry (token's exp, at most this)")
+    max_ttl: Duration = Field(21600.0, description="an enrolled peer is removed at its expiry: this long after"
+                              " enrolling (or the shorter ttl the runner asks for)")
     state_file: AbsolutePath = Field("/var/lib/hatun/enroll.json", description="enrolled peers, kept across restarts")
     rate_per_client: int = Field(30, ge=1, le=100000, description="requests per minute from one client address")
     rate_per_repository: int = Field(60, ge=1, le=100000, description="requests per minute for one repository")
     max_peers: int = Field(1024, ge=1, le=65536, description="enrolled peers at most")
+    max_peers_per_job: int = Field(4, ge=1, le=65536, description="enrolled peers of one job (sub, run, attempt) at most")
+    max_peers_per_repository: int = Field(64, ge=1, le=65536, description="enrolled peers of one repository at most")
     allow: list[dict[str, ClaimValue]] = Field(
         ..., min_length=1, description="rules: a token must match every claim of at least one rule")
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import ipaddress
 import json
 import logging
+import math
 import os
 import time
 from dataclasses import asdict, dataclass, field
@@ -35,6 +36,7 @@ class Peer:
     repository: str
     run_id: str
     actor: str = ""
+    owner: str = ""  # who may renew or withdraw it: the job (sub, run id, attempt), see service.owner_of
 
 
 @dataclass
@@ -45,13 +47,14 @@ class Registry:
     peers: dict[str, Peer] = field(default_factory=dict)
     used_jtis: dict[str, float] = field(default_factory=dict)
 
-    def address_for(self, public_key: str) -> str:
-        """The address of PUBLIC_KEY's peer if enrolled, else the first free one. Raises PoolFull."""
+    def address_for(self, public_key: str, foreign: tuple = ()) -> str:
+        """The address of PUBLIC_KEY's peer if enrolled, else the first free one outside FOREIGN (the
+        networks of the device's other peers, never taken over). Raises PoolFull."""
         if public_key in self.peers:
             return self.peers[public_key].address
         taken = {p.address for p in self.peers.values()}
         for host in self.hosts:
-            if str(host) not in taken:
+            if str(host) not in taken and not any(host in net for net in foreign if net.version == host.version):
                 return str(host)
         raise PoolFull("the address pool is full")
 
@@ -84,8 +87,9 @@ class Registry:
             os.fsync(f.fileno())
         os.replace(tmp, path)
 
-    def load(self, path: str, now: float | None = None) -> list[str]:
-        """Read the peers and used token ids of PATH (missing: none). Returns what was skipped and why."""
+    def load(self, path: str, now: float | None = None, max_ttl: float = 7 * 86400.0) -> list[str]:
+        """Read the peers and used token ids of PATH (missing: none). Returns what was skipped and why;
+        a peer expiring later than MAX_TTL from NOW is not believed."""
         now = time.time() if now is None else now
         try:
             with open(path, "rb") as f:
@@ -98,17 +102,22 @@ class Registry:
             doc = json.loads(data)
         except ValueError:
             return [f"{path}: not JSON, ignored"]
-        if not isinstance(doc, dict) or doc.get("version") != STATE_VERSION:
+        if not isinstance(doc, dict) or type(doc.get("version")) is not int or doc["version"] != STATE_VERSION:
             return [f"{path}: not a state file of this version, ignored"]
+        peers = doc.get("peers", [])
+        if not isinstance(peers, list):
+            return [f"{path}: peers is not a list, ignored"]
         skipped = []
         allowed = {str(h) for h in self.hosts}
-        for i, entry in enumerate(doc.get("peers") or []):
+        for i, entry in enumerate(peers[:100000]):
             try:
                 peer = _peer(entry)
             except (TypeError, ValueError, InvalidKey) as e:
                 skipped.append(f"peers[{i}]: {e}")
                 continue
-            if peer.address not in allowed:
+            if peer.expires > now + max_ttl:
+                skipped.append(f"peers[{i}]: expires later than max_ttl allows")
+            elif peer.address not in allowed:
                 skipped.append(f"peers[{i}]: address {peer.address} is not in the pool")
             elif any(p.address == peer.address for p in self.peers.values()):
                 skipped.append(f"peers[{i}]: address {peer.address} given twice")
@@ -117,7 +126,7 @@ class Registry:
         jtis = doc.get("used_jtis")
         if isinstance(jtis, dict):
             self.used_jtis = {str(k)[:512]: float(v) for k, v in list(jtis.items())[:100000]
-                              if isinstance(v, (int, float)) and v > now}
+                              if isinstance(v, (int, float)) and not isinstance(v, bool) and now < v < now + 86400}
         return skipped
 
 
@@ -127,7 +136,7 @@ def _peer(entry: Any) -> Peer:
     key = PublicKey.from_base64(str(entry.get("public_key", ""))).base64
     address = str(ipaddress.ip_address(str(entry.get("address", ""))))
     expires = entry.get("expires")
-    if not isinstance(expires, (int, float)) or expires != expires:
+    if not isinstance(expires, (int, float)) or isinstance(expires, bool) or not math.isfinite(expires):
         raise ValueError("no expiry")
-    strings = {k: str(entry.get(k, ""))[:200] for k in ("repository", "run_id", "actor")}
+    strings = {k: str(entry.get(k, ""))[:500] for k in ("repository", "run_id", "actor", "owner")}
     return Peer(key, address, float(expires), **strings)

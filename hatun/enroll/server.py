@@ -165,6 +165,7 @@ def hypercorn_config(config: EnrollServer):
     h.read_timeout = BODY_TIMEOUT
     h.h11_max_incomplete_size = 16 * 1024
     h.graceful_timeout = 3
+    h.ssl_handshake_timeout = 5  # a connection that never says hello holds a descriptor this long at most
     return h
 
 

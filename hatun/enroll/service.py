@@ -61,6 +61,12 @@ class RateLimit:
         return ok
 
 
+def owner_of(claims: dict[str, Any]) -> str:
+    """Who may renew or withdraw a peer: the job that enrolled it (subject, run, attempt), as one string."""
+    return "|".join(str(claims.get(k, "")) if isinstance(claims.get(k), (str, int)) else ""
+                    for k in ("sub", "repository", "run_id", "run_attempt"))
+
+
 def rule_matches(rule: dict[str, str], claims: dict[str, Any]) -> bool:
     """Every claim the rule names has exactly the rule's value (claims are strings in GitHub's tokens)."""
     return all(isinstance(claims.get(k), str) and claims[k] == v for k, v in rule.items())
@@ -85,7 +91,7 @@ class EnrollService:
 
     async def restore(self) -> None:
         """Read the state file and make the device hold exactly its live peers (others untouched)."""
-        for problem in self.registry.load(self.config.state_file, self.now()):
+        for problem in self.registry.load(self.config.state_file, self.now(), self.config.max_ttl):
             log.warning("state file: %s", safe_text(problem))
         await self.reconcile()
         await self.expire()
@@ -103,17 +109,24 @@ class EnrollService:
             claims = await self._claims(token, ctx)
             async with self._lock:
                 self._check_jti(claims)
+                owner = owner_of(claims)
+                repository = str(claims.get("repository", ""))
                 old = self.registry.peers.get(key.base64)
-                if old is not None and (old.repository, old.run_id) != (claims.get("repository"), claims.get("run_id")):
-                    raise Refused(409, "this public key is enrolled by another repository or run")
-                if old is None and len(self.registry.peers) >= self.config.max_peers:
-                    raise Refused(503, "too many enrolled peers")
+                if old is not None and old.owner != owner:
+                    raise Refused(409, "this public key is enrolled by another job")
+                on_device = await self._device_peers()
+                if key == self.gateway_key or (old is None and key in on_device):
+                    raise Refused(409, "this public key is already a peer of the gateway (not one it enrolled)")
+                if old is None:
+                    self._check_quotas(owner, repository)
+                foreign = tuple(net for k, nets in on_device.items() if k.base64 not in self.registry.peers
+                                for net in nets)
                 try:
-                    address = self.registry.address_for(key.base64)
+                    address = self.registry.address_for(key.base64, foreign)
                 except PoolFull:
                     raise Refused(503, "the address pool is full") from None
-                peer = Peer(key.base64, address, self.now() + ttl, str(claims.get("repository", "")),
-                            str(claims.get("run_id", "")), str(claims.get("actor", "")))
+                peer = Peer(key.base64, address, self.now() + ttl, repository, str(claims.get("run_id", "")),
+                            str(claims.get("actor", "")), owner)
                 try:
                     await self.device.add(key, address)
                 except WireGuardError as e:
@@ -146,8 +159,8 @@ class EnrollService:
                 peer = self.registry.peers.get(key.base64)
                 if peer is None:
                     raise Refused(404, "no such enrolled peer")
-                if (peer.repository, peer.run_id) != (claims.get("repository"), claims.get("run_id")):
-                    raise Refused(403, "the peer was enrolled by another repository or run")
+                if peer.owner != owner_of(claims):
+                    raise Refused(403, "the peer was enrolled by another job")
                 await self._remove(peer)
         except Refused as e:
             self._audit("unenroll", "refused", e.reason, ctx)
@@ -194,6 +207,22 @@ class EnrollService:
         return gone
 
     # --- helpers ---
+
+    async def _device_peers(self) -> dict:
+        try:
+            return await self.device.peers()
+        except WireGuardError as e:
+            log.error("cannot read the peers of %s: %s", self.device.ifname, e)
+            raise Refused(503, "the gateway's WireGuard device cannot be read") from None
+
+    def _check_quotas(self, owner: str, repository: str) -> None:
+        if len(self.registry.peers) >= self.config.max_peers:
+            raise Refused(503, "too many enrolled peers")
+        live = list(self.registry.peers.values())
+        if sum(p.owner == owner for p in live) >= self.config.max_peers_per_job:
+            raise Refused(429, f"this job has {self.config.max_peers_per_job} peers enrolled already")
+        if sum(p.repository == repository for p in live) >= self.config.max_peers_per_repository:
+            raise Refused(429, f"this repository has {self.config.max_peers_per_repository} peers enrolled already")
 
     async def _remove(self, peer: Peer) -> None:
         try:

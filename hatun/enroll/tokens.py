@@ -31,6 +31,7 @@ log = logging.getLogger("hatun.enroll")
 ALGORITHMS = frozenset({"RS256", "RS384", "RS512", "PS256", "PS384", "PS512", "ES256", "ES384", "ES512", "EdDSA"})
 LEEWAY = 30.0  # seconds of clock difference tolerated on exp / nbf / iat
 REFRESH_MIN_INTERVAL = 60.0  # an unknown kid fetches the JWKS again at most this often
+MAX_AGE = 3600.0  # the JWKS is fetched again after this long (a withdrawn key stops working)
 MAX_TOKEN = 16 * 1024  # a GitHub token is about 1.2 KB
 REQUIRED = ("iss", "aud", "exp", "iat", "nbf", "jti")
 
@@ -55,17 +56,22 @@ class JwksCache:
     clock: Callable[[], float] = time.monotonic
     keys: dict[str, jwt.PyJWK] = field(default_factory=dict)
     fetched_at: float | None = None
+    failed: bool = False  # the last fetch failed (the keys held, if any, are older)
     _lock: trio.Lock = field(default_factory=trio.Lock)
 
     async def key(self, kid: str) -> jwt.PyJWK:
-        """The key KID. Fetches the JWKS when it is not known (rate-limited). Raises TokenRefused."""
-        if kid in self.keys:
+        """The key KID. Fetches the JWKS when it is not known (rate-limited) or older than MAX_AGE
+        (a key the issuer withdrew stops working). Raises TokenRefused (IssuerUnavailable)."""
+        stale = self.fetched_at is None or self.clock() - self.fetched_at >= MAX_AGE
+        if kid in self.keys and not stale:
             return self.keys[kid]
         async with self._lock:
-            if kid not in self.keys and (self.fetched_at is None
-                                         or self.clock() - self.fetched_at >= REFRESH_MIN_INTERVAL):
+            stale = self.fetched_at is None or self.clock() - self.fetched_at >= MAX_AGE
+            if stale or (kid not in self.keys and self.clock() - self.fetched_at >= REFRESH_MIN_INTERVAL):
                 await self._refresh()
         if kid not in self.keys:
+            if self.failed:
+                raise IssuerUnavailable("the issuer's keys cannot be read now")
             raise TokenRefused("unknown signing key (kid not in the issuer's JWKS)")
         return self.keys[kid]
 
@@ -77,11 +83,16 @@ class JwksCache:
                 if not isinstance(discovery, dict) or discovery.get("issuer") != self.issuer:
                     raise ValueError("its discovery document names another issuer")
                 jwks_uri = discovery.get("jwks_uri")
-                if not isinstance(jwks_uri, str) or not jwks_uri.startswith(("https://", "http://")):
-                    raise ValueError("its discovery document has no jwks_uri")
+                # Keys over https, unless the issuer itself is a plain-http loopback one (labs).
+                schemes = ("https://", "http://") if self.issuer.startswith("http://") else ("https://",)
+                if not isinstance(jwks_uri, str) or not jwks_uri.startswith(schemes):
+                    raise ValueError("its discovery document has no https jwks_uri")
                 doc = await self.fetch(jwks_uri)
         except (OSError, ValueError, trio.TooSlowError) as e:
-            self.fetched_at = self.clock()  # also rate-limits retries against a broken issuer
+            self.fetched_at, self.failed = self.clock(), True  # also rate-limits retries against a broken issuer
+            if self.keys:  # keep the keys we have until the issuer answers again
+                log.warning("issuer %s: cannot refresh its keys: %s", self.issuer, e)
+                return
             raise IssuerUnavailable(f"cannot read the issuer's keys: {e}") from None
         keys: dict[str, jwt.PyJWK] = {}
         for entry in (doc.get("keys") if isinstance(doc, dict) else None) or []:
@@ -93,7 +104,7 @@ class JwksCache:
                 continue  # a key we cannot use (unknown type): skip it, keep the others
             if key.algorithm_name in ALGORITHMS:
                 keys[entry["kid"]] = key
-        self.keys, self.fetched_at = keys, self.clock()
+        self.keys, self.fetched_at, self.failed = keys, self.clock(), False
         log.info("issuer %s: %d signing keys", self.issuer, len(keys))
 
 

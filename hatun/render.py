@@ -25,7 +25,9 @@ def check_summary(config, secrets, source: str, skipped_secrets: bool) -> str:
 
     r = config.routing
     lines = [f"{source}: valid"]
-    src = ", ".join(str(s) for s in r.source) or "none (kernel picks per tunnel)"
+    src = ", ".join(str(s) for s in r.source) or (
+        "each tunnel's own address (new flows masqueraded: enrolled tunnels)" if any(t.enrolled for t in config.tunnels)
+        else "none (kernel picks per tunnel)")
     lines.append(f"  prefixes: {', '.join(str(p) for p in r.prefixes)}")
     lines.append(f"  source: {src}; steering: {r.mode}; when all tunnels are down: {r.when_all_down}")
     h = config.health

@@ -126,10 +126,17 @@ probe = "icmp://198.18.101.1"
     assert str(t.probe_target) == "icmp://198.18.101.1"
 
 
-@pytest.mark.parametrize("path", ["config/hatun.example.toml", "config/runner.example.toml"])
+@pytest.mark.parametrize("path", ["config/hatun.example.toml", "config/runner.example.toml",
+                                  "config/runner-enroll.example.toml"])
 def test_shipped_examples_validate(path):
     config, _ = load_config(str(ROOT / path), skip_secrets=True)
     assert config.tunnels
+
+
+def test_the_gateway_example_validates():
+    from hatun.config import load_gateway_config
+
+    assert load_gateway_config(str(ROOT / "config" / "gateway-enroll.example.toml")).enroll.audience == "hatun-gw1"
 
 
 def test_tunnel_health_overrides_merge(keydir):

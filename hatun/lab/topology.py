@@ -241,7 +241,10 @@ async def _start_gateway_wireguard(lab: Lab, i: int) -> None:
     the lab is userspace). A running one is left alone; one killed by a fault is started afresh."""
     ns, ifname = lab.gw_ns(i), lab.gw_ifname(i)
     if (await run(["ip", "-n", ns, "link", "show", ifname], check=False)).returncode == 0:
-        return
+        if lab.backend != "userspace" or gateway_wireguard_pid(lab, i) is not None:
+            return
+        # A TUN device whose wireguard-go was killed goes away on its own, a moment later: not yet.
+        await run(["ip", "-n", ns, "link", "del", ifname], check=False)
     path = gateway_config_path(lab, i)
     os.makedirs(os.path.dirname(path), mode=0o700, exist_ok=True)
     if lab.enroll:

@@ -193,8 +193,6 @@ def test_runner_mode_up_and_down(lab_factory):
 def test_down_after_a_killed_hatun_and_an_interrupted_up_leave_nothing(lab_factory):
     """kill -9 of the background hatun, then `down`: its stale control socket goes too. SIGTERM to
     `up` while it waits (a cancelled CI job): it stops what it started."""
-    import subprocess
-    import sys
 
     lab = lab_factory(2)
     res = hatun_cli(lab.runner, "up", lab.config_path, "--wait", "20", "--json")
@@ -208,14 +206,9 @@ def test_down_after_a_killed_hatun_and_an_interrupted_up_leave_nothing(lab_facto
     # Neither gateway answers: `up` waits (up to 120 s) until it is told to stop.
     for gw in ("gw1", "gw2"):
         trio.run(topology.lab_fail, lab.name, gw, "blackhole")
-    up = subprocess.Popen(["ip", "netns", "exec", lab.runner, sys.executable, "-m", "hatun", "up", lab.config_path,
-                           "--wait", "120"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    up = start_up(lab, "--wait", "120")
     try:
-        for _ in range(300):  # bounded: until the background hatun answers on its socket
-            if hatun_cli(None, "status", "--socket", lab.control_socket, timeout=10).returncode == 0:
-                break
-            time.sleep(0.1)
-        else:
+        if not background_hatun_answers(lab):
             pytest.fail("the background hatun never answered")
         up.send_signal(signal.SIGTERM)
         out, err = up.communicate(timeout=60)
@@ -225,6 +218,24 @@ def test_down_after_a_killed_hatun_and_an_interrupted_up_leave_nothing(lab_facto
             up.wait(timeout=10)
     assert up.returncode == 130, out + err
     assert hatun_leftovers(lab) == []
+
+
+def start_up(lab, *args: str):
+    """`hatun up` of the lab's config in the background, in the runner namespace."""
+    import subprocess
+    import sys
+
+    return subprocess.Popen(["ip", "netns", "exec", lab.runner, sys.executable, "-m", "hatun", "up", lab.config_path,
+                             *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def background_hatun_answers(lab) -> bool:
+    """Bounded wait until the background hatun answers on the lab's control socket."""
+    for _ in range(300):
+        if hatun_cli(None, "status", "--socket", lab.control_socket, timeout=10).returncode == 0:
+            return True
+        time.sleep(0.1)
+    return False
 
 
 def wait_sigterm_handled(pid: int, timeout: float = 60) -> None:
@@ -242,8 +253,6 @@ def wait_sigterm_handled(pid: int, timeout: float = 60) -> None:
 def test_up_and_down_never_stop_or_remove_what_is_not_theirs(lab_factory, hatun_factory):
     """`up` attached to a hatun it did not start: SIGTERM ends `up` only. `down` leaves a live socket
     that something else answers on."""
-    import subprocess
-    import sys
     import threading
 
     lab = lab_factory(2)
@@ -251,9 +260,7 @@ def test_up_and_down_never_stop_or_remove_what_is_not_theirs(lab_factory, hatun_
     hatun.wait(lambda s: len(members(s)) == 2, 15, "both in route")
     trio.run(topology.lab_fail, lab.name, "gw2", "blackhole")
     hatun.wait(lambda s: members(s) == ["gw1"], 15, "gw2 out")
-    up = subprocess.Popen(["ip", "netns", "exec", lab.runner, sys.executable, "-m", "hatun", "up", lab.config_path,
-                           "--wait", "120", "--min-healthy", "2"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                          text=True)
+    up = start_up(lab, "--wait", "120", "--min-healthy", "2")
     try:
         wait_sigterm_handled(up.pid)
         up.send_signal(signal.SIGTERM)
@@ -300,19 +307,13 @@ def test_up_and_down_never_stop_or_remove_what_is_not_theirs(lab_factory, hatun_
 
 
 def test_a_second_sigterm_does_not_cut_the_clean_up_short(lab_factory):
-    import subprocess
-    import sys
 
     lab = lab_factory(2)
     for gw in ("gw1", "gw2"):
         trio.run(topology.lab_fail, lab.name, gw, "blackhole")
-    up = subprocess.Popen(["ip", "netns", "exec", lab.runner, sys.executable, "-m", "hatun", "up", lab.config_path,
-                           "--wait", "120"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    up = start_up(lab, "--wait", "120")
     try:
-        for _ in range(300):
-            if hatun_cli(None, "status", "--socket", lab.control_socket, timeout=10).returncode == 0:
-                break
-            time.sleep(0.1)
+        background_hatun_answers(lab)
         up.send_signal(signal.SIGTERM)
         time.sleep(0.05)
         if up.poll() is None:

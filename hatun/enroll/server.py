@@ -58,6 +58,15 @@ async def lifespan(receive, send) -> None:
             return
 
 
+async def send_json(send, status: int, doc: dict) -> None:
+    """An ASGI response: DOC as JSON, never cached."""
+    body = json.dumps(doc).encode() + b"\n"
+    await send({"type": "http.response.start", "status": status,
+                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
+                            (b"cache-control", b"no-store")]})
+    await send({"type": "http.response.body", "body": body})
+
+
 class App:
     """The ASGI application in front of an EnrollService."""
 
@@ -75,11 +84,7 @@ class App:
         except Exception:  # noqa: BLE001 - a bug in one request must not end the service
             log.exception("request %s %s failed", scope.get("method"), safe_text(scope.get("path", ""))[:100])
             status, doc = 500, {"error": "internal error"}
-        body = json.dumps(doc).encode() + b"\n"
-        await send({"type": "http.response.start", "status": status,
-                    "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
-                                (b"cache-control", b"no-store")]})
-        await send({"type": "http.response.body", "body": body})
+        await send_json(send, status, doc)
 
     async def _handle(self, scope: dict, receive) -> tuple[int, dict]:
         method, path = scope.get("method", ""), scope.get("path", "")
@@ -96,7 +101,7 @@ class App:
                     return 200, await self.service.enroll(token, body, client)
                 if path.startswith("/v1/peers/") and method == "DELETE":
                     await _body(receive)
-                    key = _unquote(path[len("/v1/peers/"):])
+                    key = path[len("/v1/peers/"):]  # ASGI gives the path percent-decoded
                     return 200, await self.service.unenroll(token, key, client)
                 return 405, {"error": "method not allowed"}
             except Refused as e:
@@ -120,12 +125,6 @@ def _declared_length(scope: dict) -> int:
             except ValueError:
                 raise Refused(400, "bad Content-Length") from None
     return 0
-
-
-def _unquote(text: str) -> str:
-    from urllib.parse import unquote
-
-    return unquote(text)[:100]
 
 
 async def _body(receive) -> Any:

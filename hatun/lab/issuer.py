@@ -99,18 +99,12 @@ class IssuerApp:
         self.claims = claims or {}
 
     async def __call__(self, scope: dict, receive, send) -> None:
-        from hatun.enroll.server import lifespan
+        from hatun.enroll.server import lifespan, send_json
 
         if scope["type"] == "lifespan":
             await lifespan(receive, send)
-            return
-        if scope["type"] != "http":
-            return
-        status, doc = self._answer(scope)
-        body = json.dumps(doc).encode()
-        await send({"type": "http.response.start", "status": status,
-                    "headers": [(b"content-type", b"application/json")]})
-        await send({"type": "http.response.body", "body": body})
+        elif scope["type"] == "http":
+            await send_json(send, *self._answer(scope))
 
     def _answer(self, scope: dict) -> tuple[int, dict]:
         path = scope.get("path", "")
